@@ -1,0 +1,446 @@
+"""EvidenceStore: the one door through which footage and records reach the disk.
+
+Threads: `open_segment`/`OpenSegment` belong to the capture writer thread; the ledger, state transitions,
+receipts and purges may be called from any thread (the database lock serialises them).
+
+Guarantees:
+- a segment's bytes are never rewritten, and no segment or record is deleted or edited; the single
+  exception is `purge`, allowed only for a segment holding a verified bureau receipt, and itself a record;
+- at start-up every unfinished segment is closed as `truncated` with the hashes of what survived
+  (`recover`), so the ledger accounts for every file in `segments/`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.clock import Clock
+from agent.evidence.age import CIPHER_CHUNK_SIZE, AgeError, Recipient, read_header
+from agent.evidence.receipts import VerifiedReceipt
+from agent.evidence.records import SignedRecord
+from agent.evidence.signing import key_id, load_public_key, public_key_der
+from agent.storage.db import Database
+from agent.storage.fs import FileSystem
+from agent.storage.keys import IdentityKeyError, Signer
+from agent.storage.ledger import Ledger
+from agent.storage.segment_writer import PART_SUFFIX, FragmentInfo, SegmentWriter, StorageError, WriterTotals
+
+log = logging.getLogger(__name__)
+
+SEGMENT_SUFFIX = ".age"
+SEGMENTS_DIR = "segments"
+DB_NAME = "ledger.db"
+
+
+class SegmentState:
+    OPEN = "OPEN"
+    CLOSED = "CLOSED"
+    QUEUED = "QUEUED"
+    UPLOADING = "UPLOADING"
+    UPLOADED = "UPLOADED"
+    RECEIPTED = "RECEIPTED"
+    PURGED = "PURGED"
+    REJECTED = "REJECTED"
+
+
+S = SegmentState
+# Allowed transitions (DESIGN.md, "Sync"). RECEIPTED and PURGED are reached only through
+# record_receipt() and purge(), never through transition().
+TRANSITIONS: dict[str, set[str]] = {
+    S.OPEN: {S.CLOSED},
+    S.CLOSED: {S.QUEUED},
+    S.QUEUED: {S.UPLOADING},
+    S.UPLOADING: {S.UPLOADED, S.QUEUED, S.REJECTED},
+    S.UPLOADED: {S.QUEUED, S.REJECTED},
+    S.REJECTED: {S.QUEUED},
+    S.RECEIPTED: set(),
+    S.PURGED: set(),
+}
+RECEIPTABLE = {S.CLOSED, S.QUEUED, S.UPLOADING, S.UPLOADED, S.REJECTED}
+
+
+class StateError(RuntimeError):
+    """A segment transition the state machine does not allow (or an unknown segment)."""
+
+
+class PurgeRefused(RuntimeError):
+    """A purge of a segment without a verified receipt: footage is evidence (R22)."""
+
+
+@dataclass(frozen=True)
+class SpaceReport:
+    total_bytes: int
+    free_bytes: int
+    unreceipted_bytes: int
+    purgeable_bytes: int
+    bitrate_bps: int
+
+    @property
+    def minutes_left(self) -> float:
+        """Recording minutes that fit in free space plus what could be purged (receipted footage)."""
+        return (self.free_bytes + self.purgeable_bytes) * 8 / self.bitrate_bps / 60
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"total_bytes": self.total_bytes, "free_bytes": self.free_bytes,
+                "unreceipted_bytes": self.unreceipted_bytes, "purgeable_bytes": self.purgeable_bytes,
+                "bitrate_bps": self.bitrate_bps, "minutes_left": round(self.minutes_left, 1)}
+
+
+def new_session_id(wall_us: int) -> str:
+    stamp = datetime.fromtimestamp(wall_us / 1e6, UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"S{stamp}-{secrets.token_hex(3)}"
+
+
+SEGMENT_ID_RE = re.compile(r"^(?P<session>.+)-(?P<index>\d{4,})$")
+
+
+def segment_id_for(session_id: str, index: int) -> str:
+    return f"{session_id}-{index:04d}"
+
+
+def _hash_file(path: Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    remaining = limit
+    with open(path, "rb") as fh:
+        while remaining is None or remaining > 0:
+            block = fh.read(1 << 20 if remaining is None else min(1 << 20, remaining))
+            if not block:
+                break
+            h.update(block)
+            if remaining is not None:
+                remaining -= len(block)
+    return h.hexdigest()
+
+
+def survey_age_file(path: Path) -> dict[str, Any]:
+    """What can be said of an age file without its key: size, hash, and the complete chunks in it.
+
+    A chunk counts as complete when all its bytes are present; the last chunk of a closed file is
+    short and is counted too when `closed` holds. Used for crash recovery, never rewrites a byte.
+    """
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            payload_offset = read_header(fh).payload_offset
+    except AgeError:
+        payload_offset = None
+    if payload_offset is None or size < payload_offset:
+        chunks, complete = 0, 0
+    else:
+        chunks = (size - payload_offset) // CIPHER_CHUNK_SIZE
+        complete = payload_offset + chunks * CIPHER_CHUNK_SIZE
+    return {"size": size, "sha256_cipher": _hash_file(path), "chunks": chunks, "complete_size": complete,
+            "sha256_complete": _hash_file(path, complete)}
+
+
+class EvidenceStore:
+    def __init__(self, data_dir: Path, device_id: str, signer: Signer, recipients: Iterable[Recipient],
+                 clock: Clock, fs: FileSystem | None = None):
+        self.data_dir = Path(data_dir)
+        self.device_id = device_id
+        self.signer = signer
+        self.recipients = list(recipients)
+        if not self.recipients:
+            raise ValueError("at least one bureau recipient is required to record")
+        self.clock = clock
+        self.fs = fs or FileSystem()
+        self.segments_dir = self.data_dir / SEGMENTS_DIR
+        self.segments_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.db = Database(self.data_dir / DB_NAME)
+        self.ledger = Ledger(self.db, device_id, signer, clock)
+        self._bind_identity()
+
+    # --- identity ---------------------------------------------------------------------------------
+
+    def _bind_identity(self) -> None:
+        pub = self.signer.public_key()
+        recipients = [str(r) for r in self.recipients]
+        if self.ledger.head()[0] == 0:
+            self.ledger.append("device_init", {
+                "public_key": base64.b64encode(public_key_der(pub)).decode(), "key_id": key_id(pub),
+                "recipients": recipients, "software": f"bwc-agent {__version__}"})
+            return
+        current_key, current_recipients = self.ledger_identity()
+        if public_key_der(current_key) != public_key_der(pub):
+            raise IdentityKeyError(
+                f"identity key {key_id(pub)} is not the key this ledger is signed with "
+                f"({key_id(current_key)}); refusing to write. A key change must be signed by the old key.")
+        if current_recipients != recipients:
+            self.ledger.append("key_change", {"kind": "recipients", "key_ids": [r.key_id for r in self.recipients],
+                                              "recipients": recipients, "detail": "bureau recipients changed"})
+
+    def ledger_identity(self) -> tuple[Any, list[str]]:
+        """The signing key and recipients in force at the head of the ledger."""
+        key, recipients = None, []
+        for rec in self.ledger.records(rtype="device_init"):
+            body = rec.fields["body"]
+            key, recipients = body["public_key"], body["recipients"]
+        for rec in self.ledger.records(rtype="key_change"):
+            body = rec.fields["body"]
+            if body["kind"] == "identity" and body.get("public_key"):
+                key = body["public_key"]
+            if body["kind"] == "recipients" and body.get("recipients") is not None:
+                recipients = body["recipients"]
+        return load_public_key(base64.b64decode(key)), recipients
+
+    # --- segments ---------------------------------------------------------------------------------
+
+    def segment_path(self, segment_id: str) -> Path:
+        return self.segments_dir / f"{segment_id}{SEGMENT_SUFFIX}"
+
+    def open_segment(self, session_id: str | None, index: int) -> OpenSegment:
+        segment_id = segment_id_for(session_id or "NOSESSION", index)
+        path = self.segment_path(segment_id)
+        writer = SegmentWriter(path, self.recipients, self.fs)  # .part exists and is fsynced first
+        self.fs.sync_dir(self.segments_dir)
+        now = self.clock.wall_us()
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO segments (segment_id, session_id, idx, file, state, opened_wall_us, updated_wall_us)"
+                " VALUES (?,?,?,?,?,?,?)", (segment_id, session_id, index, path.name, S.OPEN, now, now))
+        return OpenSegment(self, segment_id, session_id, index, writer)
+
+    def _segment_body(self, row: dict[str, Any], *, file: str, size: int, sha256_cipher: str, chunks: int,
+                      complete_size: int, sha256_complete: str, truncated: bool, recovered: bool,
+                      plain_size: int | None, sha256_plain: str | None) -> dict[str, Any]:
+        return {
+            "segment_id": row["segment_id"], "session_id": row["session_id"], "index": row["idx"] or 0,
+            "file": file, "size": size, "sha256_cipher": sha256_cipher, "plain_size": plain_size,
+            "sha256_plain": sha256_plain, "chunks": chunks, "complete_size": complete_size,
+            "sha256_complete": sha256_complete, "fragments": row["fragments"] or 0,
+            "first_pts_us": row["first_pts_us"], "last_pts_us": row["last_pts_us"],
+            "video_frames": row["video_frames"] or 0, "audio_samples": row["audio_samples"] or 0,
+            "recipients": [r.key_id for r in self.recipients], "truncated": truncated, "recovered": recovered,
+        }
+
+    def _commit_segment_record(self, segment_id: str, body: dict[str, Any]) -> SignedRecord:
+        def also(conn, signed: SignedRecord, seq: int) -> None:
+            conn.execute("UPDATE segments SET state=?, record_seq=?, size=?, sha256_cipher=?, plain_size=?,"
+                         " sha256_plain=?, updated_wall_us=? WHERE segment_id=?",
+                         (S.CLOSED, seq, body["size"], body["sha256_cipher"], body["plain_size"],
+                          body["sha256_plain"], self.clock.wall_us(), segment_id))
+            self._log_transition(conn, segment_id, S.OPEN, S.CLOSED, "closed" if not body["recovered"]
+                                 else "closed by recovery")
+
+        return self.ledger.append("segment", body, also=also)
+
+    def row(self, segment_id: str) -> dict[str, Any]:
+        rows = self.db.query("SELECT * FROM segments WHERE segment_id=?", (segment_id,))
+        if not rows:
+            raise StateError(f"unknown segment {segment_id!r}")
+        return rows[0]
+
+    def segments(self, states: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        if states is None:
+            return self.db.query("SELECT * FROM segments ORDER BY opened_wall_us, segment_id")
+        states = list(states)
+        marks = ",".join("?" * len(states))
+        return self.db.query(f"SELECT * FROM segments WHERE state IN ({marks}) ORDER BY opened_wall_us, segment_id",
+                             tuple(states))
+
+    # --- state ------------------------------------------------------------------------------------
+
+    def _log_transition(self, conn, segment_id: str, old: str, new: str, note: str) -> None:
+        conn.execute("INSERT INTO transitions (segment_id, from_state, to_state, wall_us, note) VALUES (?,?,?,?,?)",
+                     (segment_id, old, new, self.clock.wall_us(), note))
+
+    def transition(self, segment_id: str, new: str, note: str = "") -> None:
+        """Move a segment to `new`; durable when this returns. Raises StateError if not allowed."""
+        with self.db.transaction() as conn:
+            old = self.row(segment_id)["state"]
+            if new not in TRANSITIONS.get(old, set()):
+                raise StateError(f"segment {segment_id}: {old} -> {new} is not allowed")
+            conn.execute("UPDATE segments SET state=?, updated_wall_us=? WHERE segment_id=?",
+                         (new, self.clock.wall_us(), segment_id))
+            self._log_transition(conn, segment_id, old, new, note)
+
+    def set_flagged(self, session_id: str) -> None:
+        """Mark a session's segments as upload priority (mandatory stage or flagged session)."""
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE segments SET flagged=1 WHERE session_id=?", (session_id,))
+
+    def record_receipt(self, segment_id: str, receipt: VerifiedReceipt) -> SignedRecord:
+        """Store a verified bureau receipt, append a `receipt` record, and mark the segment RECEIPTED."""
+        row = self.row(segment_id)
+        if row["state"] not in RECEIPTABLE:
+            raise StateError(f"segment {segment_id}: cannot take a receipt in state {row['state']}")
+        if receipt.fields["segment_id"] != segment_id or receipt.fields["sha256_cipher"] != row["sha256_cipher"]:
+            raise StateError(f"segment {segment_id}: receipt is for other bytes")
+
+        def also(conn, signed: SignedRecord, seq: int) -> None:
+            conn.execute("INSERT OR REPLACE INTO receipts (segment_id, receipt, sig, receipt_sha256, bureau_key_id,"
+                         " verified_wall_us) VALUES (?,?,?,?,?,?)",
+                         (segment_id, receipt.data, receipt.sig, receipt.sha256, receipt.fields["bureau_key_id"],
+                          self.clock.wall_us()))
+            conn.execute("UPDATE segments SET state=?, updated_wall_us=? WHERE segment_id=?",
+                         (S.RECEIPTED, self.clock.wall_us(), segment_id))
+            self._log_transition(conn, segment_id, row["state"], S.RECEIPTED, f"receipt {receipt.sha256[:16]}")
+
+        return self.ledger.append("receipt", {"segment_id": segment_id, "receipt_sha256": receipt.sha256,
+                                              "bureau_key_id": receipt.fields["bureau_key_id"]}, also=also)
+
+    def purge(self, segment_id: str, reason: str = "space_needed") -> SignedRecord:
+        """Remove a receipted segment's file. The only deletion the device can make; logged as a record."""
+        row = self.row(segment_id)
+        receipts = self.db.query("SELECT receipt_sha256 FROM receipts WHERE segment_id=?", (segment_id,))
+        if row["state"] != S.RECEIPTED or not receipts:
+            raise PurgeRefused(f"segment {segment_id} is {row['state']} without a verified receipt; "
+                               "only receipted footage may be purged (R22)")
+
+        def also(conn, signed: SignedRecord, seq: int) -> None:
+            conn.execute("UPDATE segments SET state=?, updated_wall_us=? WHERE segment_id=?",
+                         (S.PURGED, self.clock.wall_us(), segment_id))
+            self._log_transition(conn, segment_id, S.RECEIPTED, S.PURGED, reason)
+
+        record = self.ledger.append("purge", {"segment_id": segment_id, "file": row["file"],
+                                              "sha256_cipher": row["sha256_cipher"],
+                                              "receipt_sha256": receipts[0]["receipt_sha256"], "reason": reason},
+                                    also=also)
+        self._unlink_purged(row["file"])
+        log.info("purged receipted segment %s (%s bytes, reason %s, record seq %s)", segment_id, row["size"],
+                 reason, record.fields["seq"])
+        return record
+
+    def _unlink_purged(self, file: str) -> None:
+        path = self.segments_dir / file
+        if path.exists():
+            path.unlink()
+            self.fs.sync_dir(self.segments_dir)
+
+    def purge_for_space(self, needed_free_bytes: int) -> list[str]:
+        """Purge receipted segments, oldest first, until `needed_free_bytes` are free. Never touches others."""
+        purged = []
+        for row in self.segments([S.RECEIPTED]):
+            if self.fs.disk_usage(self.data_dir)[1] >= needed_free_bytes:
+                break
+            self.purge(row["segment_id"], "space_needed")
+            purged.append(row["segment_id"])
+        return purged
+
+    def space(self, bitrate_bps: int) -> SpaceReport:
+        total, free = self.fs.disk_usage(self.data_dir)
+        unreceipted = self.db.query_rows(
+            "SELECT COALESCE(SUM(size),0) FROM segments WHERE state NOT IN (?,?)", (S.RECEIPTED, S.PURGED))[0][0]
+        purgeable = self.db.query_rows("SELECT COALESCE(SUM(size),0) FROM segments WHERE state=?",
+                                       (S.RECEIPTED,))[0][0]
+        return SpaceReport(total, free, unreceipted, purgeable, bitrate_bps)
+
+    # --- crash recovery ---------------------------------------------------------------------------
+
+    def recover(self) -> list[SignedRecord]:
+        """Close every segment a crash left open; account for stray files. Returns the records written."""
+        written: list[SignedRecord] = []
+        for row in self.segments([S.OPEN]):
+            written += self._recover_row(row)
+        known = {r["file"] for r in self.segments()}
+        for part in sorted(self.segments_dir.glob(f"*{SEGMENT_SUFFIX}{PART_SUFFIX}")):
+            final_name = part.name[: -len(PART_SUFFIX)]
+            if final_name in known:
+                continue
+            segment_id = final_name[: -len(SEGMENT_SUFFIX)]
+            m = SEGMENT_ID_RE.match(segment_id)
+            session_id, index = (m["session"], int(m["index"])) if m else (None, 0)
+            with self.db.transaction() as conn:
+                conn.execute("INSERT INTO segments (segment_id, session_id, idx, file, state, opened_wall_us,"
+                             " updated_wall_us) VALUES (?,?,?,?,?,?,?)",
+                             (segment_id, session_id, index, final_name, S.OPEN, self.clock.wall_us(),
+                              self.clock.wall_us()))
+            written += self._recover_row(self.row(segment_id))
+        known = {r["file"] for r in self.segments()}
+        for stray in sorted(self.segments_dir.glob(f"*{SEGMENT_SUFFIX}")):
+            if stray.name not in known:
+                written.append(self.ledger.append("recovery", {
+                    "action": "unknown_file", "detail": f"{stray.name}: file with no segment row; left in place"}))
+        for row in self.segments([S.PURGED]):
+            self._unlink_purged(row["file"])  # a purge whose record committed before the unlink ran
+        return written
+
+    def _recover_row(self, row: dict[str, Any]) -> list[SignedRecord]:
+        final = self.segments_dir / row["file"]
+        part = final.with_name(final.name + PART_SUFFIX)
+        complete = row["sha256_plain"] is not None  # close_payload() finished: every chunk is on disk
+        if part.exists():
+            self.fs.rename_new(part, final)
+            self.fs.sync_dir(self.segments_dir)
+        if not final.exists():
+            return [self.ledger.append("recovery", {"segment_id": row["segment_id"], "action": "unknown_file",
+                                                    "detail": "segment row without a file"})]
+        survey = survey_age_file(final)
+        body = self._segment_body(
+            row, file=final.name, size=survey["size"], sha256_cipher=survey["sha256_cipher"],
+            chunks=survey["chunks"] + (1 if complete and survey["complete_size"] < survey["size"] else 0),
+            complete_size=survey["size"] if complete else survey["complete_size"],
+            sha256_complete=survey["sha256_cipher"] if complete else survey["sha256_complete"],
+            truncated=not complete, recovered=True,
+            plain_size=row["plain_size"] if complete else None, sha256_plain=row["sha256_plain"] if complete else None)
+        record = self._commit_segment_record(row["segment_id"], body)
+        note = self.ledger.append("recovery", {
+            "segment_id": row["segment_id"], "action": "closed_complete" if complete else "closed_truncated",
+            "detail": f"{survey['chunks']} complete chunks, {survey['size']} bytes on disk"})
+        log.warning("recovered segment %s as %s", row["segment_id"], "complete" if complete else "truncated")
+        return [record, note]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class OpenSegment:
+    """A segment being written. Owned by the capture writer thread."""
+
+    def __init__(self, store: EvidenceStore, segment_id: str, session_id: str | None, index: int,
+                 writer: SegmentWriter):
+        self.store = store
+        self.segment_id = segment_id
+        self.session_id = session_id
+        self.index = index
+        self.writer = writer
+
+    @property
+    def totals(self) -> WriterTotals:
+        return self.writer.totals
+
+    def write_fragment(self, data: bytes, info: FragmentInfo | None = None) -> None:
+        """Durably append one fragment (file fsynced, index row committed) before returning."""
+        self.writer.write_fragment(data, info)
+        t = self.writer.totals
+        with self.store.db.transaction() as conn:
+            conn.execute("UPDATE segments SET fragments=?, video_frames=?, audio_samples=?, first_pts_us=?,"
+                         " last_pts_us=? WHERE segment_id=?",
+                         (t.fragments, t.video_frames, t.audio_samples, t.first_pts_us, t.last_pts_us,
+                          self.segment_id))
+
+    def close(self, closing: bytes = b"") -> SignedRecord:
+        """Finish the file and append its signed segment record; the segment is CLOSED on return."""
+        t = self.writer.totals
+        # The final plaintext hash must be known before the rename, so recovery can finish a close
+        # interrupted between the rename and the record.
+        self.writer.close_payload(closing)
+        with self.store.db.transaction() as conn:
+            conn.execute("UPDATE segments SET plain_size=?, sha256_plain=? WHERE segment_id=?",
+                         (t.plain_size, t.sha256_plain, self.segment_id))
+        self.writer.publish()
+        return self.store._commit_segment_record(self.segment_id, self.store._segment_body(
+            self.store.row(self.segment_id), file=self.writer.final_path.name, size=t.cipher_size,
+            sha256_cipher=t.sha256_cipher, chunks=t.chunks, complete_size=t.cipher_size,
+            sha256_complete=t.sha256_cipher, truncated=False, recovered=False, plain_size=t.plain_size,
+            sha256_plain=t.sha256_plain))
+
+    def abort(self, reason: str) -> list[SignedRecord]:
+        """After a write failure: keep what reached the disk and close it as truncated now."""
+        self.writer.abandon()
+        log.error("segment %s aborted: %s", self.segment_id, reason)
+        return self.store._recover_row(self.store.row(self.segment_id))
+
+    @property
+    def failed(self) -> StorageError | None:
+        return self.writer.failed
