@@ -141,7 +141,7 @@ class Statement(_Body):
     session_id: str = SessionId
     kind: Literal["opening", "notice", "interruption_reason"]
     event: Literal["start", "end", "confirmed", "reminder", "missing"]
-    detected_by: Literal["vad", "mark", "timeout"]
+    detected_by: Literal["vad", "mark", "timeout", "device"]
     at_us: int = Field(description="monotonic time of the event, microseconds")
     interruption_id: str | None = None
 

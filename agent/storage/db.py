@@ -108,6 +108,14 @@ class Database:
         with self.lock:
             return self.conn.execute(sql, params).fetchall()
 
+    def get_meta(self, key: str) -> str | None:
+        rows = self.query_rows("SELECT value FROM meta WHERE key=?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        with self.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?,?)", (key, value))
+
     def close(self) -> None:
         with self.lock:
             self.conn.close()
