@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -25,6 +26,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from agent.compliance import read_ledger, session_reports
+
+    try:
+        records = read_ledger(args.data_dir)
+    except (OSError, sqlite3.DatabaseError) as exc:
+        print(f"bwc-agent report: {exc}", file=sys.stderr)
+        return 2
+    reports = session_reports(records, args.session, args.day)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in reports], indent=2, ensure_ascii=False))
+    else:
+        if not reports:
+            print("no sessions match")
+        for r in reports:
+            print(r.render(zh=args.lang == "zh"))
+            print()
+        bad = sum(1 for r in reports if not r.compliant)
+        print(f"{len(reports)} session(s), {len(reports) - bad} compliant, {bad} with findings")
+    return 0 if reports or args.json else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
@@ -42,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pubkey", type=Path, help="device public key or certificate (PEM) to pin")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("report", help="compliance report (R24) for a session or a day")
+    p.add_argument("--data-dir", type=Path, default=Path("/var/lib/bwc-agent"), help="device data directory")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--session", help="one session id")
+    g.add_argument("--day", help="every session opened on this local day (YYYY-MM-DD)")
+    p.add_argument("--lang", choices=["en", "zh"], default="en")
+    p.add_argument("--json", action="store_true", help="the same report for scripts")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="run a simulated shift end to end and print a summary")
     p.add_argument("--workdir", type=Path, help="keep everything under this directory (default: a temp dir)")

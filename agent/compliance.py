@@ -197,3 +197,36 @@ def _account_segments(rep: ComplianceReport, segs: list[dict[str, Any]]) -> None
 def build_report(ledger, session_id: str) -> ComplianceReport:
     rows = ledger.db.query_rows("SELECT data, sig FROM ledger WHERE session_id=? ORDER BY seq", (session_id,))
     return report_from_records(session_id, [SignedRecord(bytes(d), bytes(s)) for d, s in rows])
+
+
+def read_ledger(data_dir) -> list[SignedRecord]:
+    """All records of a device data directory, read-only (the agent may be running)."""
+    import sqlite3
+    from pathlib import Path
+
+    path = Path(data_dir) / "ledger.db"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no ledger database (is {data_dir} a device data directory?)")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT data, sig FROM ledger ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+    return [SignedRecord(bytes(d), bytes(s)) for d, s in rows]
+
+
+def session_reports(records: list[SignedRecord], session_id: str | None = None,
+                    day: str | None = None) -> list[ComplianceReport]:
+    """Reports for one session, or for every session opened on `day` (YYYY-MM-DD, local time), or all."""
+    from datetime import datetime
+
+    wanted = []
+    for rec in records:
+        f = rec.fields
+        if f["type"] != "session_open":
+            continue
+        sid = f["body"]["session_id"]
+        opened_day = datetime.fromtimestamp(f["wall_us"] / 1e6).strftime("%Y-%m-%d")
+        if (session_id is None or sid == session_id) and (day is None or opened_day == day):
+            wanted.append(sid)
+    return [report_from_records(sid, records) for sid in wanted]

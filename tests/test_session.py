@@ -338,3 +338,23 @@ def test_every_record_written_verifies(rig, bureau_identity):
     rig.send(ev.StopHeld())
     report = Verifier(bureau_identity).verify_path(rig.store.data_dir)
     assert report.ok, report.problems
+
+
+def test_report_cli_prints_the_session_for_a_supervisor(rig, capsys):
+    import json
+
+    from agent.cli import main
+
+    rig.send(ev.StartPressed(), ev.MarkPressed(), ev.InterruptionDeclared(InterruptionReason.SEVERE_WEATHER),
+             ev.StartPressed())
+    rig.wait(50)
+    rig.send(ev.StopHeld())
+    sid = rig.bodies("session_open")[0]["session_id"]
+    assert main(["report", "--data-dir", str(rig.store.data_dir), "--session", sid]) == 0
+    out = capsys.readouterr().out
+    assert "opening statement   confirmed" in out and "notice to party     MISSING" in out
+    assert "severe weather (officer); resumed; reason NOT stated" in out
+    assert main(["report", "--data-dir", str(rig.store.data_dir), "--json", "--lang", "zh"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data[0]["session_id"] == sid and data[0]["compliant"] is False
+    assert "notice_to_party_missing (R16)" in data[0]["findings"]
