@@ -260,6 +260,15 @@ class Verifier:
         if digest.hexdigest() != seg["sha256_cipher"]:
             report.fail(where, "ciphertext SHA-256 differs from the record (file altered or swapped)")
             return False
+        if seg["truncated"] and seg["complete_size"] == 0:
+            # Recovery found no complete age header (and payload nonce): a power cut while the segment was
+            # being created leaves such a file. It holds no footage, unless fragments had been written.
+            if seg["fragments"]:
+                report.fail(where, f"no readable age header although {seg['fragments']} fragment(s) had been "
+                                   "written: footage damaged before recovery")
+                return False
+            report.notes.append(f"{where}: cut before its age header was complete; holds no footage")
+            return True
         if self.identity is None:
             return True
         plain = hashlib.sha256()

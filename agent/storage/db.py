@@ -6,6 +6,7 @@ shared by the threads that write (capture writer, sync, state machine).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,10 @@ SCHEMA_VERSION = 1
 
 class DatabaseError(RuntimeError):
     """The database cannot be opened or is damaged; it has been left untouched."""
+
+
+class DatabaseFullError(RuntimeError):
+    """The disk is full: a transaction could not commit and was rolled back; nothing was lost."""
 
 
 _TRIGGERS = """
@@ -88,15 +93,29 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT under the lock; rolled back if the block raises."""
+        """BEGIN IMMEDIATE ... COMMIT under the lock; rolled back if the block or the COMMIT raises.
+
+        A full disk raises DatabaseFullError: nothing of the transaction was written, and the
+        connection is usable again once space is freed.
+        """
         with self.lock:
-            self.conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.conn
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    # SQLite may already have rolled back (e.g. SQLITE_FULL at COMMIT); a transaction left
+                    # open here would make every later BEGIN fail.
+                    if self.conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            self.conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    raise DatabaseFullError(f"{self.path}: disk full, the transaction was rolled back "
+                                            f"(nothing written): {exc}") from exc
                 raise
-            self.conn.execute("COMMIT")
 
     def query(self, sql: str, params: tuple = ()) -> list[dict]:
         with self.lock:

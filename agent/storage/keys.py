@@ -66,7 +66,10 @@ class PemFileSigner:
         except (ValueError, TypeError) as exc:
             raise IdentityKeyError(f"identity key {path}: not a readable unencrypted PEM private key ({exc})") from exc
         if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-            raise IdentityKeyError(f"identity key {path}: not an ECDSA P-256 key")
+            found = (f"EC {key.curve.name}" if isinstance(key, ec.EllipticCurvePrivateKey)
+                     else type(key).__name__.removesuffix("PrivateKey"))
+            raise IdentityKeyError(f"identity key {path}: key type {found}; ES256 needs an ECDSA P-256 "
+                                   "(secp256r1) key")
         return cls(key, path)
 
     def public_key(self) -> ec.EllipticCurvePublicKey:

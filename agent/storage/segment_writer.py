@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.evidence.age import CHUNK_SIZE, AgeEncryptor, Recipient
+from agent.evidence.age import CHUNK_SIZE, TAG_SIZE, AgeEncryptor, Recipient
 from agent.storage.fs import FileSystem
 
 FREE_BOX_HEADER = 8
@@ -84,8 +84,11 @@ class WriterTotals:
 
 class SegmentWriter:
     def __init__(self, final_path: Path, recipients: Iterable[Recipient], fs: FileSystem | None = None,
-                 pad_fragments: bool = True):
+                 pad_fragments: bool = True, min_free_bytes: int = 0):
+        """`min_free_bytes`: a fragment that would leave less free space than this is refused with
+        StorageFullError before any of it is written, so the ledger still has room to record the close."""
         self.final_path = final_path
+        self.min_free_bytes = min_free_bytes
         self.part_path = final_path.with_name(final_path.name + PART_SUFFIX)
         self.fs = fs or FileSystem()
         self.pad_fragments = pad_fragments
@@ -140,9 +143,29 @@ class SegmentWriter:
             self._write(self._enc.seal_chunk(chunk, last=False))
             self.totals.chunks += 1
 
+    def _check_space(self, nbytes: int) -> None:
+        if not self.min_free_bytes:
+            return
+        try:
+            free = self.fs.disk_usage(self.part_path.parent)[1]
+        except OSError as exc:
+            self._fail(exc)
+        # Upper bound of the ciphertext this fragment adds: its bytes, padding, and a tag per chunk.
+        needed = nbytes + CHUNK_SIZE + TAG_SIZE * (nbytes // CHUNK_SIZE + 2)
+        if free - needed < self.min_free_bytes:
+            self.failed = StorageFullError(
+                f"{self.part_path.name}: {free} bytes free; a {nbytes}-byte fragment would leave less than "
+                f"the {self.min_free_bytes} bytes kept free for the ledger (storage full)")
+            raise self.failed
+
     def write_fragment(self, data: bytes, info: FragmentInfo | None = None) -> None:
-        """Append one media fragment; when this returns it is on disk (fsynced)."""
+        """Append one media fragment; when this returns it is on disk (fsynced).
+
+        Raises StorageFullError (nothing of this fragment written) when it would eat into
+        `min_free_bytes`, or when the disk itself is full (part of it may be on disk; recovery keeps
+        only whole chunks)."""
         self._check_usable()
+        self._check_space(len(data))
         self._append_plain(data)
         if self.pad_fragments:
             pad = padding_for(self.totals.plain_size)

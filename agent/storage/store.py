@@ -29,17 +29,27 @@ from agent.evidence.age import CIPHER_CHUNK_SIZE, AgeError, Recipient, read_head
 from agent.evidence.receipts import VerifiedReceipt
 from agent.evidence.records import SignedRecord
 from agent.evidence.signing import key_id, load_public_key, public_key_der
-from agent.storage.db import Database
+from agent.storage.db import Database, DatabaseFullError
 from agent.storage.fs import FileSystem
 from agent.storage.keys import IdentityKeyError, Signer
 from agent.storage.ledger import Ledger
-from agent.storage.segment_writer import PART_SUFFIX, FragmentInfo, SegmentWriter, StorageError, WriterTotals
+from agent.storage.segment_writer import (
+    PART_SUFFIX,
+    FragmentInfo,
+    SegmentWriter,
+    StorageError,
+    StorageFullError,
+    WriterTotals,
+)
 
 log = logging.getLogger(__name__)
 
 SEGMENT_SUFFIX = ".age"
 SEGMENTS_DIR = "segments"
 DB_NAME = "ledger.db"
+# Free space a segment write may not eat into: room for the ledger (WAL growth, checkpoints and the
+# records that close a segment, log the interruption and close the session) once footage fills the disk.
+LEDGER_RESERVE_BYTES = 2 * 1024 * 1024
 
 
 class SegmentState:
@@ -145,8 +155,9 @@ def survey_age_file(path: Path) -> dict[str, Any]:
 
 class EvidenceStore:
     def __init__(self, data_dir: Path, device_id: str, signer: Signer, recipients: Iterable[Recipient],
-                 clock: Clock, fs: FileSystem | None = None):
+                 clock: Clock, fs: FileSystem | None = None, reserve_bytes: int = LEDGER_RESERVE_BYTES):
         self.data_dir = Path(data_dir)
+        self.reserve_bytes = reserve_bytes
         self.device_id = device_id
         self.signer = signer
         self.recipients = list(recipients)
@@ -201,7 +212,8 @@ class EvidenceStore:
     def open_segment(self, session_id: str | None, index: int) -> OpenSegment:
         segment_id = segment_id_for(session_id or "NOSESSION", index)
         path = self.segment_path(segment_id)
-        writer = SegmentWriter(path, self.recipients, self.fs)  # .part exists and is fsynced first
+        # .part exists and is fsynced first
+        writer = SegmentWriter(path, self.recipients, self.fs, min_free_bytes=self.reserve_bytes)
         self.fs.sync_dir(self.segments_dir)
         now = self.clock.wall_us()
         with self.db.transaction() as conn:
@@ -369,7 +381,15 @@ class EvidenceStore:
         final = self.segments_dir / row["file"]
         part = final.with_name(final.name + PART_SUFFIX)
         complete = row["sha256_plain"] is not None  # close_payload() finished: every chunk is on disk
-        if part.exists():
+        if part.exists() and final.exists():
+            if not final.samefile(part):
+                return [self.ledger.append("recovery", {
+                    "segment_id": row["segment_id"], "action": "unknown_file",
+                    "detail": f"{part.name} and {final.name} are different files; both left in place"})]
+            # A rename cut between its link and its unlink: both names are the same file.
+            part.unlink()
+            self.fs.sync_dir(self.segments_dir)
+        elif part.exists():
             self.fs.rename_new(part, final)
             self.fs.sync_dir(self.segments_dir)
         if not final.exists():
@@ -413,11 +433,17 @@ class OpenSegment:
         """Durably append one fragment (file fsynced, index row committed) before returning."""
         self.writer.write_fragment(data, info)
         t = self.writer.totals
-        with self.store.db.transaction() as conn:
-            conn.execute("UPDATE segments SET fragments=?, video_frames=?, audio_samples=?, first_pts_us=?,"
-                         " last_pts_us=? WHERE segment_id=?",
-                         (t.fragments, t.video_frames, t.audio_samples, t.first_pts_us, t.last_pts_us,
-                          self.segment_id))
+        try:
+            with self.store.db.transaction() as conn:
+                conn.execute("UPDATE segments SET fragments=?, video_frames=?, audio_samples=?, first_pts_us=?,"
+                             " last_pts_us=? WHERE segment_id=?",
+                             (t.fragments, t.video_frames, t.audio_samples, t.first_pts_us, t.last_pts_us,
+                              self.segment_id))
+        except DatabaseFullError as exc:
+            # The fragment is on disk; only its count in the index is behind. Stop here like any full disk.
+            self.writer.failed = StorageFullError(f"segment {self.segment_id}: fragment written, but the index "
+                                                  f"could not be updated ({exc})")
+            raise self.writer.failed from exc
 
     def close(self, closing: bytes = b"") -> SignedRecord:
         """Finish the file and append its signed segment record; the segment is CLOSED on return."""
@@ -436,10 +462,19 @@ class OpenSegment:
             sha256_plain=t.sha256_plain))
 
     def abort(self, reason: str) -> list[SignedRecord]:
-        """After a write failure: keep what reached the disk and close it as truncated now."""
+        """After a write failure: keep what reached the disk and close it as truncated now.
+
+        If the ledger cannot take the record (disk full there too), raises StorageFullError; the file
+        stays on disk and `abort` may be called again, or recovery records it at the next start.
+        """
         self.writer.abandon()
         log.error("segment %s aborted: %s", self.segment_id, reason)
-        return self.store._recover_row(self.store.row(self.segment_id))
+        try:
+            return self.store._recover_row(self.store.row(self.segment_id))
+        except DatabaseFullError as exc:
+            raise StorageFullError(f"segment {self.segment_id}: what was written is kept on disk, but its "
+                                   f"record could not be written ({exc}); free space and call abort() again, "
+                                   "or recovery records it at the next start") from exc
 
     @property
     def failed(self) -> StorageError | None:
