@@ -140,6 +140,8 @@ class Verifier:
             return report
         source = _records_from_jsonl if ledger.suffix == ".jsonl" else _records_from_db
         segments = self.verify_chain(source(ledger, report), report)
+        if ledger.suffix == ".db" and (root / "journal.jsonl").exists():
+            self.compare_journal(root / "journal.jsonl", ledger, report)
         if self.check_segments:
             self.verify_segments(root / "segments", segments, report)
         return report
@@ -224,6 +226,23 @@ class Verifier:
             report.head_seq, report.head_hash = fields["seq"], rec.hash
         report.key_id = key_id(key) if key is not None else None
         return segments
+
+    def compare_journal(self, journal: Path, db: Path, report: Report) -> None:
+        """A data directory keeps each record twice (ledger.db and journal.jsonl); they must agree."""
+        db_hashes = {int(where.split()[-1]): rec.hash for where, rec in _records_from_db(db, Report(str(db)))}
+        extra = 0
+        for where, rec in _records_from_jsonl(journal, Report(str(journal))):
+            try:
+                seq = rec.fields["seq"]
+            except (CanonicalJSONError, KeyError, TypeError):
+                continue
+            if seq not in db_hashes:
+                extra += 1
+            elif db_hashes[seq] != rec.hash:
+                report.fail(f"journal.jsonl ({where})", f"record seq {seq} differs from ledger.db")
+        if extra:
+            report.fail("ledger.db", f"{extra} record(s) in journal.jsonl are missing from the database "
+                                     "(start the agent to restore them)")
 
     def verify_segments(self, folder: Path, segments: dict[str, dict[str, Any]], report: Report) -> None:
         present = {p.name for p in folder.iterdir()} if folder.is_dir() else set()

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 SEGMENT_SUFFIX = ".age"
 SEGMENTS_DIR = "segments"
 DB_NAME = "ledger.db"
+JOURNAL_NAME = "journal.jsonl"
 # Free space a segment write may not eat into: room for the ledger (WAL growth, checkpoints and the
 # records that close a segment, log the interruption and close the session) once footage fills the disk.
 LEDGER_RESERVE_BYTES = 2 * 1024 * 1024
@@ -168,8 +169,12 @@ class EvidenceStore:
         self.segments_dir = self.data_dir / SEGMENTS_DIR
         self.segments_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.db = Database(self.data_dir / DB_NAME)
-        self.ledger = Ledger(self.db, device_id, signer, clock)
+        self.ledger = Ledger(self.db, device_id, signer, clock, self.data_dir / JOURNAL_NAME)
+        self.restored_records = self.ledger.reconcile()
         self._bind_identity()
+        if self.restored_records:
+            self.ledger.append("recovery", {"action": "index_rebuilt", "detail":
+                                            f"{self.restored_records} ledger record(s) restored from {JOURNAL_NAME}"})
 
     # --- identity ---------------------------------------------------------------------------------
 
@@ -411,6 +416,7 @@ class EvidenceStore:
         return [record, note]
 
     def close(self) -> None:
+        self.ledger.close()
         self.db.close()
 
 
