@@ -136,7 +136,7 @@ class QueueRecovered:
 
 
 @dataclass(frozen=True)
-class PipelineFault:
+class WriterFault:
     code: str  # "mux_error", "writer_error", "bad_command"
     detail: str
     session_id: str | None
@@ -155,7 +155,7 @@ class PipelineEvents(Protocol):
 
     def queue_recovered(self, event: QueueRecovered) -> None: ...
 
-    def fault(self, event: PipelineFault) -> None: ...
+    def fault(self, event: WriterFault) -> None: ...
 
 
 class IgnoreEvents:
@@ -179,7 +179,7 @@ class IgnoreEvents:
     def queue_recovered(self, event: QueueRecovered) -> None:
         pass
 
-    def fault(self, event: PipelineFault) -> None:
+    def fault(self, event: WriterFault) -> None:
         pass
 
 
@@ -347,8 +347,14 @@ class CapturePipeline:
         """Write everything up to now, close the segment with its signed record, return to READY."""
         self._inbox.command(_Command("stop"))
 
+    def pause_session(self) -> None:
+        """An interruption: write what has arrived, close the segment (signed), and buffer into the ring
+        again (INTERRUPTED) until `resume_session()` or `stop_session()`."""
+        self._inbox.command(_Command("pause"))
+
     def resume_session(self) -> None:
-        """After `storage_failed`: continue the interrupted session in a new segment, buffered footage first."""
+        """After `storage_failed` or `pause_session`: continue the session in a new segment, buffered footage
+        first."""
         self._inbox.command(_Command("resume"))
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -423,6 +429,16 @@ class CapturePipeline:
             self._start(cmd)
         elif cmd.name == "stop":
             self._finish_session()
+        elif cmd.name == "pause":
+            if self._state != RECORDING:
+                self._fault("bad_command", f"pause while {self._state}")
+                return
+            for gop in self._assembler.flush():
+                self._route(gop)
+            if self._segment is not None:
+                self._close_segment()
+            if self._state == RECORDING:  # (a failed close has already made it INTERRUPTED)
+                self._state = INTERRUPTED
         elif cmd.name == "resume":
             if self._state != INTERRUPTED:
                 self._fault("bad_command", f"resume while {self._state}")
@@ -553,7 +569,7 @@ class CapturePipeline:
     def _fault(self, code: str, detail: str) -> None:
         self._faults += 1
         log.error("capture pipeline fault %s: %s", code, detail)
-        self._emit("fault", PipelineFault(code, detail, self._session_id))
+        self._emit("fault", WriterFault(code, detail, self._session_id))
 
     def _emit(self, name: str, event: object) -> None:
         try:
