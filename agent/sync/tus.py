@@ -18,14 +18,14 @@ import base64
 import hashlib
 import http.client
 import logging
-import os
-import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
+
+from agent.sync.https import HttpsSession, LinkError, client_ssl_context  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -78,63 +78,26 @@ def encode_metadata(meta: dict[str, str]) -> str:
 class TusClient:
     def __init__(self, creation_url: str, ssl_context: ssl.SSLContext | None = None, timeout_s: float = 30.0,
                  request_bytes: int = DEFAULT_REQUEST_BYTES, user_timeout_ms: int = 30_000,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, session: HttpsSession | None = None):
         self.creation_url = creation_url
-        self.ssl_context = ssl_context
-        self.timeout_s = timeout_s
+        self.session = session or HttpsSession(ssl_context, timeout_s, user_timeout_ms)
         self.request_bytes = request_bytes
-        self.user_timeout_ms = user_timeout_ms
         self.extra_headers = headers or {}
-        self._conn: http.client.HTTPConnection | None = None
-        self._conn_key: tuple[str, str] | None = None
         self.bytes_sent = 0  # every body byte put on the wire, including re-sends
 
-    # --- connection -------------------------------------------------------------------------------
-
-    def _connection(self, url: str) -> tuple[http.client.HTTPConnection, str]:
-        parts = urlsplit(url)
-        key = (parts.scheme, parts.netloc)
-        if self._conn is None or self._conn_key != key:
-            self.close()
-            if parts.scheme == "https":
-                conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                    parts.netloc, timeout=self.timeout_s, context=self.ssl_context)
-            elif parts.scheme == "http":
-                conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout_s)
-            else:
-                raise TusError(f"unsupported URL scheme in {url!r}")
-            conn.connect()
-            if hasattr(socket, "TCP_USER_TIMEOUT") and conn.sock is not None:
-                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self.user_timeout_ms)
-            self._conn, self._conn_key = conn, key
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        return self._conn, path
-
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-        self._conn = None
+        self.session.close()
 
     def _request(self, method: str, url: str, headers: dict[str, str], body=None,
                  content_length: int | None = None) -> http.client.HTTPResponse:
         hdrs = {**self.extra_headers, **headers}
         if method != "OPTIONS":
             hdrs["Tus-Resumable"] = TUS_VERSION
-        if content_length is not None:
-            hdrs["Content-Length"] = str(content_length)
         try:
-            conn, path = self._connection(url)
-            conn.request(method, path, body=body, headers=hdrs)
-            resp = conn.getresponse()
-            resp.read()  # tus responses carry no body we need; drain so the connection can be reused
-            if resp.getheader("Connection", "").lower() == "close":
-                self.close()
-            return resp
-        except (OSError, http.client.HTTPException) as exc:
-            self.close()
-            raise TusInterrupted(f"{method} {url}: {exc.__class__.__name__}: {exc}") from exc
+            resp, _ = self.session.request(method, url, hdrs, body, content_length)
+        except LinkError as exc:
+            raise TusInterrupted(str(exc)) from exc
+        return resp
 
     # --- protocol ---------------------------------------------------------------------------------
 
@@ -231,12 +194,3 @@ def _hash_range(fh: BinaryIO, offset: int, length: int) -> bytes:
         h.update(block)
         remaining -= len(block)
     return h.digest()
-
-
-def client_ssl_context(ca_file: Path, cert_file: Path | None, key_file: Path | None) -> ssl.SSLContext:
-    """TLS 1.2+ context that trusts only the bureau CA and presents the device certificate."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=os.fspath(ca_file))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cert_file is not None:
-        ctx.load_cert_chain(os.fspath(cert_file), os.fspath(key_file) if key_file else None)
-    return ctx
