@@ -84,6 +84,9 @@ class Database:
                 self.db["receipts"].create(
                     {"segment_id": str, "receipt": bytes, "sig": bytes, "receipt_sha256": str,
                      "bureau_key_id": str, "verified_wall_us": int}, pk="segment_id")
+            if "uploads" not in self.db.table_names():
+                self.db["uploads"].create({"segment_id": str, "upload_url": str, "created_wall_us": int},
+                                          pk="segment_id")
             if "meta" not in self.db.table_names():
                 self.db["meta"].create({"key": str, "value": str}, pk="key")
             for stmt in _TRIGGERS.strip().split("END;"):
