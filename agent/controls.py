@@ -39,6 +39,11 @@ MENU_ITEMS: list[tuple[str, str]] = [("marker", step) for step in MARKER_STEPS i
                                         InterruptionReason.DEVICE_DAMAGE, InterruptionReason.OTHER)]
 
 
+def menu_prompt(kind: str, value: str) -> str:
+    """The voice prompt id that reads out a menu item (agent/voice_prompts/catalogue.py)."""
+    return f"menu_step_{value}" if kind == "marker" else f"menu_reason_{value}"
+
+
 @dataclass
 class _Button:
     down: bool = False
@@ -101,7 +106,9 @@ class PressGrammar:
 
     def _speak_item(self) -> None:
         kind, value = MENU_ITEMS[self.menu_index]
-        self.speak(f"menu_{kind}_{value}")
+        if kind == "interruption" and MENU_ITEMS[self.menu_index - 1][0] != "interruption":
+            self.speak("menu_declare_interruption")  # entering the second part of the menu
+        self.speak(menu_prompt(kind, value))
 
     def poll(self, t_us: int) -> None:
         rec, mark = self.buttons[RECORD], self.buttons[MARK]
@@ -113,11 +120,11 @@ class PressGrammar:
         if mark.down and not mark.spoiled and not mark.hold_fired and t_us - mark.down_at >= MENU_HOLD_US:
             mark.hold_fired = True
             self.menu_index, self.menu_last_us = 0, t_us
-            self.speak("menu_open")
+            self.speak("menu_mark_step")
             self._speak_item()
         if self.menu_index is not None and t_us - self.menu_last_us > self.cfg.menu_timeout_s * US:
             self.menu_index = None
-            self.speak("menu_closed")
+            self.speak("menu_cancelled")
         if self.first_tap_at is not None and t_us - self.first_tap_at > self.cfg.double_press_s * US:
             self.first_tap_at = None  # a lone single press: deliberately nothing
 

@@ -106,10 +106,18 @@ class SetContext:
 
 
 @dataclass(frozen=True)
+class PromptFinished:
+    """The speaker finished a prompt: waiting for a statement counts from here, not from the request."""
+
+    prompt_id: str
+    at_us: int
+
+
+@dataclass(frozen=True)
 class Tick:
     """Periodic (about once a second): timeouts and reminders are evaluated on ticks."""
 
 
 Event = (StartPressed | StopHeld | MarkPressed | MarkerSelected | InterruptionDeclared | SpeechStarted
          | SpeechEnded | BatteryReading | ThermalReading | StorageReading | PipelineFault | PipelineRecovered
-         | LensCovered | LensUncovered | Docked | Undocked | SetContext | Tick)
+         | LensCovered | LensUncovered | Docked | Undocked | SetContext | PromptFinished | Tick)

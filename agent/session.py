@@ -259,6 +259,12 @@ class SessionMachine:
         self._statement(exp, "end", "vad", e.at_us)
         self._statement_done(exp)
 
+    def _on_PromptFinished(self, e: ev.PromptFinished) -> None:
+        # The officer cannot start speaking while the device is still talking; the wait starts now.
+        if self.session:
+            for exp in self.session.expectations:
+                exp.since_us = max(exp.since_us, e.at_us)
+
     def _on_MarkPressed(self, _: ev.MarkPressed) -> None:
         s = self.session
         if s is None or self.state is not State.RECORDING:
@@ -457,6 +463,11 @@ class SessionMachine:
             exp.reminded = True
             self._statement(exp, "reminder", "timeout", now)
             self._say(f"statement_reminder_{exp.kind}", "statement")
+
+    def shutdown(self) -> None:
+        """The agent is stopping: close an open session (its segment is finalised and signed first)."""
+        if self.session is not None and not self.powered_off:
+            self._close_session("shutdown", "forced")
 
     # --- boot -------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import pytest
 from agent import events as ev
 from agent.clock import SystemClock
 from agent.config import SessionConfig
-from agent.controls import MARK, MENU_ITEMS, RECORD, GpioControls, PressGrammar
+from agent.controls import MARK, MENU_ITEMS, RECORD, GpioControls, PressGrammar, menu_prompt
 from agent.evidence.records import InterruptionReason
 
 MS = 1000
@@ -94,7 +94,7 @@ def test_mark_short_press_marks():
 def test_menu_declares_an_interruption_reason_by_voice():
     h = Harness()
     h.press(MARK, ms=2200)
-    assert h.spoken[:2] == ["menu_open", f"menu_{MENU_ITEMS[0][0]}_{MENU_ITEMS[0][1]}"]
+    assert h.spoken[:2] == ["menu_mark_step", menu_prompt(*MENU_ITEMS[0])]
     target = MENU_ITEMS.index(("interruption", "severe_weather"))
     for _ in range(target):
         h.press(MARK)
@@ -110,7 +110,7 @@ def test_menu_marks_an_r9_step_and_times_out():
     assert h.events == [ev.MarkerSelected(MENU_ITEMS[1][1])]
     h.press(MARK, ms=2200)
     h.advance(9000)
-    assert h.spoken[-1] == "menu_closed"
+    assert h.spoken[-1] == "menu_cancelled"
     h.press(RECORD)  # after the timeout a RECORD tap is just a (harmless) single press
     assert len(h.events) == 1
 
@@ -142,3 +142,12 @@ def test_gpiozero_buttons_drive_the_grammar():
 @pytest.mark.parametrize("step", ["show_id", "questioning", "sampling"])
 def test_menu_items_cover_r9_steps(step):
     assert ("marker", step) in MENU_ITEMS
+
+
+def test_every_menu_prompt_exists_in_the_catalogue():
+    from agent.voice_prompts.catalogue import prompt
+
+    for kind, value in MENU_ITEMS:
+        prompt(menu_prompt(kind, value))
+    for pid in ("menu_mark_step", "menu_declare_interruption", "menu_cancelled"):
+        prompt(pid)

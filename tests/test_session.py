@@ -358,3 +358,28 @@ def test_report_cli_prints_the_session_for_a_supervisor(rig, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data[0]["session_id"] == sid and data[0]["compliant"] is False
     assert "notice_to_party_missing (R16)" in data[0]["findings"]
+
+
+def test_statement_wait_counts_from_the_end_of_the_prompt(rig):
+    rig.send(ev.StartPressed())
+    rig.wait(15)  # a long prompt is still playing
+    rig.send(ev.PromptFinished("session_started_opening_statement", rig.clock.mono_us()))
+    rig.wait(15)
+    assert rig.bodies("statement") == []  # 30 s since the press, only 15 s since the prompt ended
+    rig.wait(6)
+    assert [b["event"] for b in rig.bodies("statement")] == ["reminder"]
+
+
+def test_every_prompt_the_machine_can_play_has_audio_in_the_catalogue():
+    from agent.policy import MARKER_STEPS
+    from agent.voice_prompts.catalogue import prompt
+
+    ids = [f"interruption_{r.value}" for r in InterruptionReason]
+    ids += [f"statement_reminder_{k}" for k in ("opening", "notice", "interruption_reason")]
+    ids += [f"marker_{step}" for step in MARKER_STEPS]
+    ids += ["session_started_opening_statement", "full_process_stage_notice", "stop_refused_full_process",
+            "notice_to_party", "notice_prompt", "statement_missing", "state_interruption_reason", "session_stopped",
+            "battery_warning", "critical_battery_shutdown", "written_explanation_required", "recording_reminder",
+            "upload_overdue"]
+    for pid in ids:
+        prompt(pid)

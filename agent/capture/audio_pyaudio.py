@@ -142,8 +142,10 @@ class PyAudioSource:
     def __init__(self, on_packet: Callable[[EncodedPacket], None] | None = None, *, clock: Any,
                  settings: AudioSettings | None = None,
                  on_event: Callable[[PipelineFault | PipelineRecovered], None] | None = None,
-                 pyaudio_module: Any = None) -> None:
+                 pyaudio_module: Any = None, on_pcm: Callable[[bytes, int], object] | None = None) -> None:
         self.settings = settings or AudioSettings()
+        # The raw capture (16-bit PCM, first sample's time) for the statement detector; must not block.
+        self._on_pcm = on_pcm
         self._sink = on_packet
         self._on_event = on_event or (lambda event: None)
         self._clock = clock
@@ -253,6 +255,11 @@ class PyAudioSource:
                     self._reopen()
                 continue
             last_buffer_at = self._clock.mono_us()
+            if self._on_pcm is not None:
+                try:
+                    self._on_pcm(data, captured_us)
+                except Exception:  # the detector's problem must never stop the recording
+                    log.exception("PCM tap failed")
             if faulted:
                 faulted = False
                 self._on_event(PipelineRecovered(component="microphone"))

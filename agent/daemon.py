@@ -1,0 +1,448 @@
+"""The device daemon: assembles the store, capture, session machine, voice, controls, monitors, dock line,
+sync and MQTT from the configuration, and runs them. `bwc-agent run` on a Pi and `bwc-agent demo` on the
+simulator go through this same code; only `Hardware` (the library modules at each boundary) differs.
+
+Threads (each component documents its own):
+- main thread: `Device.run_forever()` — watchdog pings, upload deadlines (R20), telemetry, status;
+- "session": the state machine (SessionRunner), the only place that decides;
+- camera, encoder, microphone, "capture-writer", "statement-vad", "prompt-playback", "controls",
+  "health", dock line, "sync", MQTT network loop.
+Data flows one way: sources -> pipeline -> store; events flow to the state machine through its queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent import __version__
+from agent import events as ev
+from agent.capture.audio_pyaudio import AudioSettings, PyAudioSource
+from agent.capture.camera_picamera2 import CameraSettings, Picamera2VideoSource
+from agent.capture.lens import LensCoverDetector, LensCoverSettings
+from agent.capture.osd import OsdOverlay
+from agent.capture.pipeline import (
+    CapturePipeline,
+    IgnoreEvents,
+    PipelineConfig,
+    QueueOverflow,
+    RecordingStarted,
+    SegmentClosed,
+    StorageFailed,
+    WriterFault,
+)
+from agent.clock import Clock
+from agent.config import AgentConfig
+from agent.controls import GpioControls
+from agent.evidence.age import Recipient
+from agent.evidence.receipts import ReceiptVerifier
+from agent.monitors import FuelGauge, HealthMonitor, Thermal
+from agent.sdnotify import Notifier, watchdog_interval_s
+from agent.session import SessionMachine, SessionRunner, State
+from agent.storage.fs import FileSystem
+from agent.storage.keys import Signer
+from agent.storage.store import EvidenceStore, SegmentState
+from agent.voice_prompts.assets import PromptLibrary
+from agent.voice_prompts.catalogue import PromptError
+from agent.voice_prompts.detection import SpeechEvent, StatementDetector, StatementListener, VadConfig
+from agent.voice_prompts.playback import PlaybackResult, PromptPlayer, SpeakerActivity
+
+log = logging.getLogger(__name__)
+S = SegmentState
+
+
+@dataclass
+class Hardware:
+    """The library modules at each hardware boundary. None means: import the real one (on a Pi)."""
+
+    picamera2: Any = None
+    pyaudio: Any = None
+    speaker: Any = None  # the pyaudio module used for output (defaults to `pyaudio`)
+    pin_factory: Any = None  # gpiozero pin factory (MockFactory in the simulator)
+    smbus: Any = None  # the smbus2 module (hw_sim.battery.FakeSMBusModule in the simulator)
+    thermal_path: Path | None = None
+    dock_port: str | None = None
+    power_off: Callable[[], None] | None = None
+    haptics: Callable[[str], None] | None = None
+    fs: FileSystem | None = None
+
+
+@dataclass
+class Credentials:
+    """What provisioning left on the device: the signer, the bureau's keys and the TLS files."""
+
+    signer: Signer
+    recipients: list[Recipient]
+    receipt_key: ec.EllipticCurvePublicKey | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class PipelineRecorder:
+    """The capture pipeline behind the state machine's Recorder port. Stop and pause wait until the
+    segment is closed and signed, so the ledger shows the segment before the session's close."""
+
+    def __init__(self, pipeline: CapturePipeline, timeout_s: float = 15.0):
+        self.pipeline = pipeline
+        self.timeout_s = timeout_s
+
+    def start_session(self, session_id: str) -> None:
+        self.pipeline.start_session(session_id)
+
+    def pause_session(self) -> None:
+        self.pipeline.pause_session()
+        if not self.pipeline.flush(self.timeout_s):
+            log.error("capture writer did not finish the pause within %.0f s", self.timeout_s)
+
+    def resume_session(self) -> None:
+        self.pipeline.resume_session()
+
+    def stop_session(self) -> None:
+        self.pipeline.stop_session()
+        if not self.pipeline.flush(self.timeout_s):
+            log.error("capture writer did not finish the stop within %.0f s", self.timeout_s)
+
+
+class PipelineBridge(IgnoreEvents):
+    """Capture pipeline events -> state machine events (runs on the capture-writer thread: post only)."""
+
+    def __init__(self, post: Callable[[ev.Event], Any]):
+        self.post = post
+        self.segments_closed = 0
+        self.last_started: RecordingStarted | None = None
+
+    def recording_started(self, event: RecordingStarted) -> None:
+        self.last_started = event
+
+    def segment_closed(self, event: SegmentClosed) -> None:
+        self.segments_closed += 1
+
+    def storage_failed(self, event: StorageFailed) -> None:
+        code = "storage_full" if event.storage_full else "write_error"
+        self.post(ev.PipelineFault("storage", code, f"{event.segment_id}: {event.error}"))
+
+    def queue_overflow(self, event: QueueOverflow) -> None:
+        self.post(ev.PipelineFault("queue", "queue_full", f"episode {event.episode}, {event.dropped_total} dropped"))
+
+    def fault(self, event: WriterFault) -> None:
+        self.post(ev.PipelineFault("other", event.code, event.detail))
+
+
+class DeviceAnnouncer:
+    """The state machine's Announcer: prompts through the speaker, patterns through the vibration motor."""
+
+    def __init__(self, player: PromptPlayer | None, haptics: Callable[[str], None] | None):
+        self.player = player
+        self.haptics = haptics
+        self.vibrations: list[str] = []
+
+    def play(self, prompt_id: str) -> None:
+        if self.player is None:
+            return
+        try:
+            # A menu label is cut by the next press; the critical-battery warning cuts everything.
+            self.player.play(prompt_id, interrupt=prompt_id.startswith("menu_")
+                             or prompt_id == "critical_battery_shutdown")
+        except PromptError:
+            log.error("no prompt %r in the catalogue", prompt_id)
+
+    def vibrate(self, pattern: str) -> None:
+        self.vibrations.append(pattern)
+        if self.haptics is not None:
+            self.haptics(pattern)
+
+
+class StoreSpace:
+    """SpaceControl for the state machine: purge receipted footage, oldest first (never anything else)."""
+
+    def __init__(self, store: EvidenceStore, bitrate_bps: int):
+        self.store = store
+        self.bitrate_bps = bitrate_bps
+
+    def minutes(self) -> tuple[float, float]:
+        rep = self.store.space(self.bitrate_bps)
+        per_minute = self.bitrate_bps / 8 * 60
+        return rep.free_bytes / per_minute, rep.purgeable_bytes / per_minute
+
+    def purge_receipted(self, minutes_needed: float) -> float:
+        before = self.minutes()[0]
+        need = self.store.fs.disk_usage(self.store.data_dir)[1] + int(minutes_needed * self.bitrate_bps / 8 * 60)
+        self.store.purge_for_space(need)
+        return self.minutes()[0] - before
+
+
+@dataclass
+class DeviceStatus:
+    state: str
+    session_id: str | None
+    battery_percent: int | None
+    storage: dict[str, Any]
+    queue: dict[str, int]
+    last_sync: dict[str, Any] | None
+    clock: dict[str, str]
+    alarms: list[str]
+    docked: bool
+    upload: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Device:
+    def __init__(self, cfg: AgentConfig, hw: Hardware, clock: Clock, creds: Credentials,
+                 notifier: Notifier | None = None, camera_settings: CameraSettings | None = None,
+                 audio_settings: AudioSettings | None = None):
+        self.cfg = cfg
+        self.hw = hw
+        self.clock = clock
+        self.creds = creds
+        self.notifier = notifier or Notifier("")
+        rec = cfg.recording
+        self.camera_settings = camera_settings or CameraSettings(width=rec.width, height=rec.height, fps=rec.fps,
+                                                                 bitrate=rec.bitrate_bps)
+        self.audio_settings = audio_settings or AudioSettings()
+        self.store: EvidenceStore | None = None
+        self.alarms: list[str] = []
+        self.battery: int | None = None
+        self.last_sync: dict[str, Any] | None = None
+        self.sync_progress: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._sync_thread: threading.Thread | None = None
+        self._docked = threading.Event()
+        self._deadline_alarmed: set[str] = set()
+        self.components: list[Any] = []
+
+    # --- assembly ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg, hw, clock = self.cfg, self.hw, self.clock
+        store = self.store = EvidenceStore(cfg.device.data_dir, cfg.device.id, self.creds.signer,
+                                           self.creds.recipients, clock, fs=hw.fs)
+        recovered = store.recover()
+        previous = "unclean" if recovered else ("first_boot" if store.ledger.head()[0] <= 1 else "clean")
+        store.ledger.append("boot", {"boot_id": f"B{clock.wall_us()}", "software": f"bwc-agent {__version__}",
+                                     "previous_shutdown": previous})
+        self.space = StoreSpace(store, cfg.recording.bitrate_bps)
+
+        activity = SpeakerActivity()
+        speaker = hw.speaker if hw.speaker is not None else hw.pyaudio
+        self.player = PromptPlayer(speaker, PromptLibrary(), cfg.device.language, clock.mono_us,
+                                   on_finished=self._prompt_finished, activity=activity) if speaker else None
+        self.announcer = DeviceAnnouncer(self.player, hw.haptics)
+        self.machine = SessionMachine(cfg, store.ledger, clock, recorder=None, announcer=self.announcer,
+                                      power=self, space=self.space, meta=store.db)
+        self.runner = SessionRunner(self.machine)
+        post = self.runner.post
+
+        self.osd = OsdOverlay(clock, cfg.device.id, officer_id=cfg.device.officer_id)
+        self.lens = LensCoverDetector(post, LensCoverSettings(covered_after_s=cfg.lens.covered_s))
+        self.camera = Picamera2VideoSource(None, clock=clock, settings=self.camera_settings, osd=self.osd,
+                                           lens=self.lens, on_event=post, picamera2_module=hw.picamera2)
+        vad = VadConfig(sample_rate=self.audio_settings.sample_rate)
+        self.listener = StatementListener(StatementDetector(vad, activity=activity), self._speech, clock.mono_us)
+        self.mic = PyAudioSource(None, clock=clock, settings=self.audio_settings, on_event=post,
+                                 pyaudio_module=hw.pyaudio, on_pcm=self.listener.offer) if hw.pyaudio else None
+        self.camera.start()
+        video = self.camera.wait_video_params(15)
+        pcfg = PipelineConfig(segment_seconds=cfg.recording.segment_s, pre_event_seconds=cfg.recording.pre_event_s,
+                              pre_event_audio=cfg.recording.pre_event_audio, queue_packets=cfg.recording.queue_packets)
+        self.bridge = PipelineBridge(post)
+        self.pipeline = CapturePipeline(store, video, self.mic.audio_params if self.mic else None, pcfg,
+                                        events=self.bridge, request_keyframe=self.camera.force_keyframe, clock=clock)
+        self.machine.recorder = PipelineRecorder(self.pipeline)
+        self.pipeline.start()
+        self.camera.connect(self.pipeline.submit)
+        if self.mic is not None:
+            self.mic.start()
+            self.mic.connect(self.pipeline.submit)
+        self.listener.start()
+        if self.player is not None:
+            self.player.start()
+
+        self.controls = GpioControls(cfg.session, cfg.hardware.record_button_pin, cfg.hardware.mark_button_pin, clock,
+                                     post, lambda pid: self.announcer.play(pid), pin_factory=hw.pin_factory)
+        try:
+            gauge = FuelGauge.open(cfg.hardware.fuel_gauge_bus, cfg.hardware.fuel_gauge_address, hw.smbus)
+        except (OSError, ImportError) as exc:
+            log.error("no fuel gauge (%s): battery level unknown", exc)
+            gauge = None
+        thermal = Thermal(hw.thermal_path or cfg.thermal.sysfs_path)
+        self.health = HealthMonitor(self._health_event, gauge, thermal, self.space.minutes, interval_s=2.0)
+        self.health.start()
+        self.runner.start()
+        self.machine.on_boot()
+        self._start_dock()
+        self.notifier.ready(f"recording ready ({cfg.device.id})")
+
+    def _start_dock(self) -> None:
+        port = self.hw.dock_port or self.cfg.sync.dock_port
+        self.dock = None
+        if port is None:
+            return
+        from agent.sync.dockline import DockLink
+
+        self.dock = DockLink(port, self.cfg.device.id, on_docked=self._on_docked, on_undocked=self._on_undocked)
+        self.dock.start()
+
+    # --- callbacks (other threads: post or set flags only) ----------------------------------------
+
+    def _prompt_finished(self, result: PlaybackResult) -> None:
+        self.runner.post(ev.PromptFinished(result.prompt_id, result.ended_us))
+
+    def _speech(self, event: Any) -> None:
+        if isinstance(event, SpeechEvent):
+            self.runner.post(ev.SpeechStarted(event.at_us) if event.event == "started"
+                             else ev.SpeechEnded(event.at_us, event.duration_us))
+
+    def _health_event(self, event: ev.Event) -> None:
+        if isinstance(event, ev.BatteryReading):
+            self.battery = event.percent
+        self.runner.post(event)
+
+    def _on_docked(self, session: Any) -> None:
+        self._docked.set()
+        self.runner.post(ev.Docked(getattr(session, "dock_id", None)))
+        if self._sync_thread is None or not self._sync_thread.is_alive():
+            self._sync_thread = threading.Thread(target=self._sync_loop, name="sync", daemon=True)
+            self._sync_thread.start()
+
+    def _on_undocked(self, reason: str) -> None:
+        self._docked.clear()
+        self.runner.post(ev.Undocked())
+
+    def power_off(self) -> None:
+        """PowerControl: the state machine has finalised and signed; now power off (firmware hook)."""
+        log.warning("critical battery: powering off")
+        self._stop.set()
+        if self.hw.power_off is not None:
+            self.hw.power_off()
+
+    # --- sync (sync thread) -----------------------------------------------------------------------
+
+    def make_syncer(self):
+        from agent.sync.https import HttpsSession, client_ssl_context
+        from agent.sync.syncer import Syncer
+
+        c = self.creds
+        if not (self.cfg.sync.bureau_url and c.ca_file and c.receipt_key):
+            raise RuntimeError("sync needs sync.bureau_url, the bureau CA and the receipt key (bwc-agent provision)")
+        ctx = client_ssl_context(c.ca_file, c.cert_file, c.key_file)
+        return Syncer(self.store, self.cfg.sync.bureau_url, HttpsSession(ctx, timeout_s=20),
+                      ReceiptVerifier(c.receipt_key), self.clock, on_progress=self._sync_progress,
+                      should_stop=lambda: not self._docked.is_set() or self._stop.is_set())
+
+    def _sync_progress(self, progress: Any) -> None:
+        now = self.clock.mono_us()
+        self.sync_progress = progress.as_dict(now)
+        if self.dock is not None:
+            done = progress.phase == "done"
+            self.dock.set_status(phase={"done": "done", "blocked": "blocked"}.get(progress.phase, "syncing"),
+                                 queued_bytes=progress.queued_bytes, done_bytes=progress.done_bytes,
+                                 eta_s=progress.eta_s(now), safe_to_remove=done, alarm=bool(progress.rejected))
+
+    def _sync_loop(self) -> None:
+        backoff = 2.0
+        while self._docked.is_set() and not self._stop.is_set():
+            try:
+                syncer = self.make_syncer()
+            except RuntimeError as exc:
+                log.error("%s", exc)
+                return
+            result = syncer.sync_once()
+            self.last_sync = {"at_wall_us": self.clock.wall_us(), "uploaded": len(result.uploaded),
+                              "receipted": len(result.receipted), "rejected": len(result.rejected),
+                              "error": result.error, "clock_offset_us": result.clock_offset_us}
+            pending = self.store.segments((S.CLOSED, S.QUEUED, S.UPLOADING, S.UPLOADED))
+            if result.error is None and not pending:
+                return  # everything receipted: safe to remove
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 60.0)
+
+    def wait_synced(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            t = self._sync_thread
+            if t is not None and not t.is_alive() and self.last_sync is not None:
+                return True
+            time.sleep(0.1)
+        return False
+
+    # --- main loop --------------------------------------------------------------------------------
+
+    def overdue(self, now: datetime | None = None) -> list[str]:
+        """Segments not receipted after the same-day deadline (R20): opened before today's `day_end_local`
+        once it has passed, or before any earlier day's."""
+        now = now or datetime.now()
+        hh, mm = (int(x) for x in self.cfg.sync.day_end_local.split(":"))
+        deadline = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+        if now < deadline:
+            deadline -= timedelta(days=1)
+        cutoff_us = int(deadline.timestamp() * 1e6)
+        return [r["segment_id"] for r in self.store.segments((S.CLOSED, S.QUEUED, S.UPLOADING, S.UPLOADED,
+                                                              S.REJECTED))
+                if (r["opened_wall_us"] or 0) < cutoff_us]
+
+    def check_deadlines(self) -> None:
+        late = [s for s in self.overdue() if s not in self._deadline_alarmed]
+        if late:
+            self._deadline_alarmed.update(late)
+            self.store.ledger.append("alarm", {"code": "upload_overdue", "severity": "critical",
+                                               "detail": f"{len(late)} segment(s) not receipted by the "
+                                                         f"{self.cfg.sync.day_end_local} deadline (R20)"})
+            self.alarms.append("upload_overdue")
+            self.announcer.play("upload_overdue")
+
+    def status(self) -> DeviceStatus:
+        m, st = self.machine, self.store
+        counts = {state: 0 for state in (S.CLOSED, S.QUEUED, S.UPLOADING, S.UPLOADED, S.RECEIPTED, S.PURGED,
+                                         S.REJECTED)}
+        for row in st.segments():
+            counts[row["state"]] = counts.get(row["state"], 0) + 1
+        return DeviceStatus(state=m.state.value, session_id=m.session.session_id if m.session else None,
+                            battery_percent=self.battery, storage=st.space(self.cfg.recording.bitrate_bps).as_dict(),
+                            queue=counts, last_sync=self.last_sync, clock=self.clock.status(), alarms=list(self.alarms),
+                            docked=self._docked.is_set(), upload=dict(self.sync_progress))
+
+    def run_forever(self, tick_s: float = 1.0) -> None:
+        interval = watchdog_interval_s() or tick_s
+        last_deadline_check = 0.0
+        while not self._stop.wait(min(interval, tick_s)):
+            self.notifier.watchdog()
+            if time.monotonic() - last_deadline_check > 60:
+                last_deadline_check = time.monotonic()
+                self.check_deadlines()
+            if self.machine.state is State.RECORDING:
+                self.notifier.status(f"recording {self.machine.session.session_id if self.machine.session else ''}")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def stop(self) -> None:
+        """Finish cleanly: the open segment is closed and signed before the process ends."""
+        self.notifier.stopping()
+        self._stop.set()
+        for closer in (lambda: self.controls.close(), lambda: self.health.stop(),
+                       lambda: self.dock and self.dock.stop(), lambda: self.camera.stop(),
+                       lambda: self.mic and self.mic.stop()):
+            try:
+                closer()
+            except Exception:
+                log.exception("error while stopping a component")
+        self.runner.stop()
+        self.machine.shutdown()  # the runner thread has stopped: safe to call here
+        self.pipeline.close()
+        self.listener.stop()
+        if self.player is not None:
+            self.player.stop()
+        if not self.machine.powered_off:
+            self.store.ledger.append("shutdown", {"reason": "requested"})
+        self.store.close()

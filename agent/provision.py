@@ -1,0 +1,189 @@
+"""`bwc-agent provision`: make a device known to the bureau (R18: named staff keep the devices).
+
+Steps, each idempotent and resumable (a run interrupted anywhere can simply be run again):
+1. the identity key: generated here (PEM, 0600) unless one exists; a device that is already enrolled is
+   refused unless `force` is given (a new identity starts a new ledger; the old one stays on disk);
+2. the bureau CA: pinned from a file the technician brings, or fetched from `GET /v1/bureau` and accepted only
+   if its SHA-256 fingerprint matches the one the bureau printed with the token;
+3. enrollment: `POST /v1/enroll` with the one-time token and a CSR for the key (docs/PROTOCOL.md);
+4. everything to pin is written with the right modes: device certificate, CA, receipt key, age recipients,
+   and the agent's config TOML pointing at them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent.storage.keys import PemFileSigner
+from agent.sync.https import BureauError, HttpsSession, LinkError
+
+
+class ProvisionError(RuntimeError):
+    """Provisioning cannot go on; the message says which step and why. Nothing half-written is left."""
+
+
+@dataclass
+class ProvisionResult:
+    device_id: str
+    key_file: Path
+    cert_file: Path
+    ca_file: Path
+    receipt_key_file: Path
+    recipients_file: Path
+    config_file: Path
+    recipients: list[str]
+    bureau_url: str
+    mqtt_url: str | None
+    reused_key: bool
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write atomically (temp + rename + fsync) with `mode`; the file is never seen half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def ca_fingerprint(pem: bytes) -> str:
+    cert = x509.load_pem_x509_certificate(pem)
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey, device_id: str) -> str:
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+           .sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _pin_ca(bureau_url: str, ca_file: Path | None, fingerprint: str | None) -> bytes:
+    if ca_file is not None:
+        try:
+            pem = ca_file.read_bytes()
+            x509.load_pem_x509_certificate(pem)
+        except (OSError, ValueError) as exc:
+            raise ProvisionError(f"bureau CA {ca_file}: not a readable PEM certificate ({exc})") from None
+        if fingerprint and ca_fingerprint(pem) != fingerprint.lower().replace(":", ""):
+            raise ProvisionError(f"bureau CA {ca_file} does not match fingerprint {fingerprint}")
+        return pem
+    if not fingerprint:
+        raise ProvisionError("give the bureau CA (--ca-file) or its fingerprint (--ca-fingerprint) to trust it")
+    insecure = ssl.create_default_context()
+    insecure.check_hostname = False
+    insecure.verify_mode = ssl.CERT_NONE  # only to fetch the CA, accepted solely by its fingerprint below
+    try:
+        info = HttpsSession(insecure, timeout_s=15).json("GET", f"{bureau_url}/v1/bureau")
+    except (LinkError, BureauError) as exc:
+        raise ProvisionError(f"cannot reach the bureau at {bureau_url}: {exc}") from None
+    pem = str(info.get("ca_certificate", "")).encode()
+    try:
+        got = ca_fingerprint(pem)
+    except ValueError:
+        raise ProvisionError("the bureau's answer holds no readable CA certificate") from None
+    if got != fingerprint.lower().replace(":", ""):
+        raise ProvisionError(f"bureau CA fingerprint is {got}, expected {fingerprint}: refusing to trust it")
+    return pem
+
+
+def provision(*, bureau_url: str, token: str, device_id: str, data_dir: Path, config_file: Path,
+              ca_file: Path | None = None, ca_fingerprint_hex: str | None = None, force: bool = False,
+              extra_config: dict[str, Any] | None = None) -> ProvisionResult:
+    bureau_url = bureau_url.rstrip("/")
+    keys = data_dir / "keys"
+    key_file, cert_file = keys / "device-key.pem", keys / "device-cert.pem"
+    if cert_file.exists() and not force:
+        raise ProvisionError(f"{device_id}: already enrolled ({cert_file} exists); re-provisioning replaces "
+                             "the device identity, so it needs --force")
+    reused = key_file.exists() and not force
+    if key_file.exists() and force:
+        # Never delete an identity: keep the old key beside the new one, and start a fresh one.
+        retired = key_file.with_name(f"device-key.retired-{int(os.path.getmtime(key_file))}.pem")
+        os.replace(key_file, retired)
+        if cert_file.exists():
+            os.replace(cert_file, cert_file.with_name(f"{retired.stem}.cert.pem"))
+    signer = PemFileSigner.load(key_file) if reused else PemFileSigner.generate(key_file)
+    os.chmod(keys, 0o700)
+    key = signer._key  # noqa: SLF001 - the PEM signer's own key, to sign the CSR
+
+    ca_pem = _pin_ca(bureau_url, ca_file, ca_fingerprint_hex)
+    pinned_ca = keys / "bureau-ca.pem"
+    _write(pinned_ca, ca_pem, 0o644)
+    ctx = ssl.create_default_context(cafile=str(pinned_ca))
+    try:
+        answer = HttpsSession(ctx, timeout_s=20).json("POST", f"{bureau_url}/v1/enroll", {
+            "token": token, "csr": make_csr(key, device_id), "device_id": device_id})
+    except BureauError as exc:
+        raise ProvisionError(f"enrollment refused: {exc.code}: {exc.detail}") from None
+    except LinkError as exc:
+        raise ProvisionError(f"cannot reach the bureau at {bureau_url}: {exc}") from None
+
+    for name in ("certificate", "receipt_public_key", "age_recipients", "ca_certificate"):
+        if name not in answer:
+            raise ProvisionError(f"enrollment answer lacks {name!r}")
+    cert = x509.load_pem_x509_certificate(answer["certificate"].encode())
+    cert_key = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+    own_key = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if cert_key != own_key:
+        raise ProvisionError("the bureau issued a certificate for another key; not installed")
+    if answer["ca_certificate"].encode().strip() != ca_pem.strip():
+        raise ProvisionError("the bureau's CA in the enrollment answer differs from the pinned one")
+    _write(cert_file, answer["certificate"].encode(), 0o644)
+    receipt_file = keys / "bureau-receipt-key.pem"
+    _write(receipt_file, answer["receipt_public_key"].encode(), 0o644)
+    recipients = [str(r) for r in answer["age_recipients"]]
+    recipients_file = keys / "bureau-recipients.txt"
+    _write(recipients_file, ("\n".join(recipients) + "\n").encode(), 0o644)
+    mqtt_url = (answer.get("endpoints") or {}).get("mqtt", {}).get("url") if isinstance(answer.get("endpoints"),
+                                                                                        dict) else None
+    _write(config_file, render_config(device_id, data_dir, key_file, cert_file, pinned_ca, receipt_file,
+                                      recipients, bureau_url, extra_config or {}).encode(), 0o640)
+    return ProvisionResult(device_id, key_file, cert_file, pinned_ca, receipt_file, recipients_file, config_file,
+                           recipients, bureau_url, mqtt_url, reused)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def render_config(device_id: str, data_dir: Path, key_file: Path, cert_file: Path, ca_file: Path, receipt_file: Path,
+                  recipients: list[str], bureau_url: str, extra: dict[str, dict[str, Any]]) -> str:
+    """The agent.toml provisioning writes; `extra` adds or overrides keys per section."""
+    sections: dict[str, dict[str, Any]] = {
+        "device": {"id": device_id, "data_dir": str(data_dir)},
+        "keys": {"identity_key": str(key_file), "device_cert": str(cert_file), "ca_cert": str(ca_file),
+                 "receipt_key": str(receipt_file), "recipients": recipients},
+        "sync": {"bureau_url": bureau_url},
+    }
+    for name, values in extra.items():
+        sections.setdefault(name, {}).update(values)
+    lines = ["# Written by `bwc-agent provision`. Every key is validated at start (agent/config.py).", ""]
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
