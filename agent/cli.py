@@ -1,4 +1,10 @@
-"""`bwc-agent`: the device's command line (verify, demo; more commands arrive with their capabilities)."""
+"""`bwc-agent`: the device's command line.
+
+  run        the daemon (systemd starts it)           provision  enroll with the bureau (technician)
+  selftest   check every part, pass/fail table       status     what the device is doing
+  report     compliance report (R24)                 verify     check signatures, chain, segments
+  demo       a simulated shift end to end
+"""
 
 from __future__ import annotations
 
@@ -48,6 +54,101 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0 if reports or args.json else 1
 
 
+def _config(args: argparse.Namespace):
+    from agent.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        print(f"bwc-agent: invalid configuration:\n{exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _simulated(folder: Path):
+    from agent.clock import SystemClock
+    from hw_sim.scenario import SimulatedHardware
+
+    sim = SimulatedHardware(folder, SystemClock())
+    sim.add_dock(plugged=True)
+    return sim
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import signal
+    import tempfile
+
+    from agent.clock import SystemClock
+    from agent.daemon import Device, Hardware, load_credentials
+    from agent.sdnotify import Notifier
+    from agent.storage.keys import IdentityKeyError
+
+    cfg = _config(args)
+    sim = _simulated(Path(tempfile.mkdtemp(prefix="bwc-sim-"))) if args.simulate else None
+    try:
+        creds = load_credentials(cfg)
+    except (IdentityKeyError, OSError, ValueError) as exc:
+        print(f"bwc-agent run: {exc}", file=sys.stderr)
+        return 2
+    device = Device(cfg, sim.hardware() if sim else Hardware(), sim.clock if sim else SystemClock(), creds,
+                    notifier=Notifier())
+    signal.signal(signal.SIGTERM, lambda *_: device.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: device.request_stop())
+    device.start()
+    try:
+        device.run_forever()
+    finally:
+        device.stop()
+        if sim:
+            sim.close()
+    return 0
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from agent.provision import ProvisionError, provision
+
+    try:
+        result = provision(bureau_url=args.bureau, token=args.token, device_id=args.device_id,
+                           data_dir=args.data_dir, config_file=args.config, ca_file=args.ca_file,
+                           ca_fingerprint_hex=args.ca_fingerprint, force=args.force)
+    except ProvisionError as exc:
+        print(f"bwc-agent provision: {exc}", file=sys.stderr)
+        return 1
+    print(f"provisioned {result.device_id}: key {result.key_file} ({'kept' if result.reused_key else 'new'}), "
+          f"certificate {result.cert_file}, config {result.config_file}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.status import collect, render
+
+    data_dir = args.data_dir or _config(args).device.data_dir
+    try:
+        status = collect(Path(data_dir))
+    except (OSError, sqlite3.DatabaseError) as exc:
+        print(f"bwc-agent status: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(status, indent=2, default=str) if args.json else render(status))
+    return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from agent.clock import SystemClock
+    from agent.daemon import Hardware
+    from agent.selftest import SelfTest, render
+
+    cfg = _config(args)
+    sim = _simulated(Path(tempfile.mkdtemp(prefix="bwc-sim-"))) if args.simulate else None
+    try:
+        checks = SelfTest(cfg, sim.hardware() if sim else Hardware(), sim.clock if sim else SystemClock()).run()
+    finally:
+        if sim:
+            sim.close()
+    print(json.dumps([c.as_dict() for c in checks], indent=2) if args.json else render(checks))
+    return 1 if any(c.result == "FAIL" for c in checks) else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
@@ -58,6 +159,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bwc-agent", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    default_config = Path("/etc/bwc-agent/agent.toml")
+    p = sub.add_parser("run", help="run the agent daemon")
+    p.add_argument("--config", type=Path, default=default_config)
+    p.add_argument("--simulate", action="store_true", help="use the hardware simulator (development)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("provision", help="generate the identity and enroll with the bureau")
+    p.add_argument("--bureau", required=True, help="bureau base URL, https://...")
+    p.add_argument("--token", required=True, help="one-time enrollment token from the bureau")
+    p.add_argument("--device-id", required=True)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ca-file", type=Path, help="the bureau CA certificate (PEM) brought by the technician")
+    g.add_argument("--ca-fingerprint", help="SHA-256 fingerprint of the bureau CA, printed with the token")
+    p.add_argument("--data-dir", type=Path, default=Path("/var/lib/bwc-agent"))
+    p.add_argument("--config", type=Path, default=default_config, help="config file to write")
+    p.add_argument("--force", action="store_true", help="replace an enrolled identity (the old key is kept)")
+    p.set_defaults(func=cmd_provision)
+
+    p = sub.add_parser("status", help="state, battery, storage, uploads, alarms")
+    p.add_argument("--config", type=Path, default=default_config)
+    p.add_argument("--data-dir", type=Path, help="read this data directory (default: from the config)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("selftest", help="check camera, audio, buttons, sensors, storage, keys, bureau")
+    p.add_argument("--config", type=Path, default=default_config)
+    p.add_argument("--simulate", action="store_true", help="check the simulator's stand-ins instead")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_selftest)
 
     p = sub.add_parser("verify", help="verify a data directory or exported bundle")
     p.add_argument("path", type=Path, help="device data dir (ledger.db) or bundle (ledger.jsonl) with segments/")

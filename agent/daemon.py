@@ -12,7 +12,9 @@ Data flows one way: sources -> pipeline -> store; events flow to the state machi
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +49,7 @@ from agent.evidence.receipts import ReceiptVerifier
 from agent.monitors import FuelGauge, HealthMonitor, Thermal
 from agent.sdnotify import Notifier, watchdog_interval_s
 from agent.session import SessionMachine, SessionRunner, State
+from agent.status import STATUS_FILE
 from agent.storage.fs import FileSystem
 from agent.storage.keys import Signer
 from agent.storage.store import EvidenceStore, SegmentState
@@ -85,6 +88,17 @@ class Credentials:
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+
+
+def load_credentials(cfg: AgentConfig) -> Credentials:
+    """The signer and the bureau's keys from the paths in the config (written by `bwc-agent provision`)."""
+    from agent.evidence.signing import load_public_key
+    from agent.storage.keys import PemFileSigner
+
+    k = cfg.keys
+    return Credentials(signer=PemFileSigner.load(k.identity_key), recipients=[Recipient.parse(r) for r in k.recipients],
+                       receipt_key=load_public_key(k.receipt_key.read_bytes()) if k.receipt_key else None,
+                       ca_file=k.ca_cert, cert_file=k.device_cert, key_file=k.identity_key)
 
 
 class PipelineRecorder:
@@ -412,11 +426,22 @@ class Device:
                             queue=counts, last_sync=self.last_sync, clock=self.clock.status(), alarms=list(self.alarms),
                             docked=self._docked.is_set(), upload=dict(self.sync_progress))
 
+    def write_live_status(self) -> None:
+        """status.json in the data directory for `bwc-agent status` (not evidence; rewritten atomically)."""
+        try:
+            path = self.store.data_dir / STATUS_FILE
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(self.status().as_dict(), default=str))
+            os.replace(tmp, path)
+        except (OSError, TypeError, ValueError) as exc:
+            log.warning("could not write %s: %s", STATUS_FILE, exc)
+
     def run_forever(self, tick_s: float = 1.0) -> None:
         interval = watchdog_interval_s() or tick_s
         last_deadline_check = 0.0
         while not self._stop.wait(min(interval, tick_s)):
             self.notifier.watchdog()
+            self.write_live_status()
             if time.monotonic() - last_deadline_check > 60:
                 last_deadline_check = time.monotonic()
                 self.check_deadlines()

@@ -25,11 +25,10 @@ from pathlib import Path
 from agent.clock import SystemClock
 from agent.compliance import report_from_records
 from agent.config import load_config
-from agent.evidence.age import AgeDecryptor, Identity, Recipient
+from agent.evidence.age import AgeDecryptor, Identity
 from agent.evidence.signing import load_public_key
 from agent.evidence.verify import Verifier
 from agent.provision import provision
-from agent.storage.keys import PemFileSigner
 
 DEVICE_ID = "BWC-DEMO-0001"
 OFFICER_ID = "OFF-3107"
@@ -126,13 +125,9 @@ def run_demo(workdir: Path | None = None, quiet_logs: bool = True) -> int:
 
 
 def start_device(cfg, hw, result):
-    from agent.daemon import Credentials, Device
+    from agent.daemon import Device, load_credentials
 
-    creds = Credentials(signer=PemFileSigner.load(cfg.keys.identity_key),
-                        recipients=[Recipient.parse(r) for r in cfg.keys.recipients],
-                        receipt_key=load_public_key(cfg.keys.receipt_key.read_bytes()),
-                        ca_file=cfg.keys.ca_cert, cert_file=cfg.keys.device_cert, key_file=cfg.keys.identity_key)
-    device = Device(cfg, hw.hardware(), hw.clock, creds)
+    device = Device(cfg, hw.hardware(), hw.clock, load_credentials(cfg))
     device.start()
     return device
 

@@ -86,12 +86,13 @@ class SimulatedHardware:
         self.thermal = SimThermal(self.folder / "thermal_zone0_temp", 48.0)
         self.pins = MockFactory()
 
-    def add_dock(self, wall_us: Callable[[], int] | None = None) -> str:
-        """A docking station on a pty pair, initially empty (the device is out on the street)."""
+    def add_dock(self, wall_us: Callable[[], int] | None = None, plugged: bool = False) -> str:
+        """A docking station on a pty pair, empty unless `plugged` (the device is out on the street)."""
         from hw_sim.serial_devices import SimulatedDock
 
         self.dock = SimulatedDock(self.folder, wall_us=wall_us)
-        self.dock.unplug()
+        if not plugged:
+            self.dock.unplug()
         return self.dock.device_port
 
     def hardware(self) -> Hardware:
