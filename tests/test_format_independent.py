@@ -43,6 +43,10 @@ RECEIPT_KEYS = {"v", "type", "device", "segment_id", "sha256_cipher", "size", "r
                 "stored_wall_us", "bureau_key_id"}  # §13
 HEX64 = re.compile(r"[0-9a-f]{64}")
 ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")  # §8, matched as a whole
+SEGMENT_FILE = re.compile(ID.pattern + r"\.age")  # §8 `segment file`
+SIDECAR_FILE = re.compile(ID.pattern + r"\.(gps|context)\.age")  # §8 `sidecar file`
+SIDECAR_TAG = {"gps_track": "gps", "context": "context"}  # §10.5
+HASH_NAMED_SIDECAR = re.compile(r"([0-9a-f]{64})\.(context|note)\.age")  # §10.5
 MAX_INT = 2**53 - 1
 
 
@@ -237,6 +241,8 @@ def type_ok(t: str, v: Any) -> bool:
     is_int = isinstance(v, int) and not isinstance(v, bool)
     simple = {"string": isinstance(v, str), "id": isinstance(v, str) and ID.fullmatch(v) is not None,
               "hex64": isinstance(v, str) and HEX64.fullmatch(v) is not None, "int": is_int,
+              "segment file": isinstance(v, str) and SEGMENT_FILE.fullmatch(v) is not None,
+              "sidecar file": isinstance(v, str) and SIDECAR_FILE.fullmatch(v) is not None,
               "int ≥ 0": is_int and v >= 0, "bool": isinstance(v, bool), "object": isinstance(v, dict)}
     if t in simple:
         return simple[t]
@@ -257,6 +263,13 @@ def body_problems(rtype: str, body: Any) -> list[str]:
                    f"unexpected {sorted(set(body) - set(table))}")
     out += [f"{rtype}.{name} = {body[name]!r} is not {spec.type}"
             for name, spec in table.items() if name in body and not type_ok(spec.type, body[name])]
+    if not out and rtype in ("segment", "purge") and body["file"] != body["segment_id"] + ".age":
+        out.append(f"{rtype}.file is not segment_id + .age")  # §8 `segment file`
+    if not out and rtype == "segment":
+        kinds = [sc["kind"] for sc in body["sidecars"]]
+        if len(set(kinds)) != len(kinds) or any(
+                sc["file"] != f"{body['segment_id']}.{SIDECAR_TAG[sc['kind']]}.age" for sc in body["sidecars"]):
+            out.append("segment.sidecars: file names do not follow the segment id, or a kind twice")  # §8, §10.5
     return out
 
 
@@ -273,6 +286,7 @@ class Result:
     truncated: int = 0
     decrypted: int = 0
     receipts_checked: int = 0
+    sidecars_decrypted: int = 0
     head: tuple[int, str] = (0, GENESIS_PREV)
 
     def fail(self, where: str, what: str) -> None:
@@ -333,6 +347,9 @@ class Chain:
     device: str | None = None
     segments: dict[str, dict[str, Any]] = field(default_factory=dict)  # by file name
     receipts: dict[str, str] = field(default_factory=dict)  # segment_id -> receipt_sha256
+    recipient_sets: list[list[str]] = field(default_factory=list)  # key ids of every set in force so far (§14.1 C11)
+    sidecars: dict[str, dict[str, Any]] = field(default_factory=dict)  # by file name (§10.5)
+    hashed: set[str] = field(default_factory=set)  # "<sha256>.<kind>.age" names records carry (§10.5)
 
 
 def verify_chain(records: list[tuple[str, bytes, bytes]], result: Result, ssl: OpenSSL,
@@ -378,6 +395,7 @@ def verify_chain(records: list[tuple[str, bytes, bytes]], result: Result, ssl: O
             if seq == 1:
                 chain.key_pem = chain.key_pem or pem
                 chain.recipients = list(body["recipients"])
+                chain.recipient_sets.append([recipient_key_id(r) for r in chain.recipients])
         if chain.key_pem is None:
             result.fail(where, "no signing key known")
         elif ssl.verify(chain.key_pem, data, sig):
@@ -397,15 +415,23 @@ def note_record(chain: Chain, rtype: str, body: dict[str, Any], seq: int, digest
         chain.key_pem = spki_pem(base64.b64decode(body["public_key"]))  # in force from the next record
     elif rtype == "key_change" and body["kind"] == "recipients" and body["recipients"] is not None:
         chain.recipients = list(body["recipients"])
+        chain.recipient_sets.append([recipient_key_id(r) for r in chain.recipients])
     elif rtype == "segment":
         if body["file"] in chain.segments:
             result.fail(where, f"second segment record for {body['file']}")
-        want = sorted(recipient_key_id(r) for r in chain.recipients)
-        if sorted(body["recipients"]) != want:
-            result.fail(where, f"recipients {body['recipients']} are not those in force {want}")
+        if body["recipients"] not in chain.recipient_sets:
+            result.fail(where, f"recipients {body['recipients']} were never those in force")
         chain.segments[body["file"]] = dict(body, seq=seq, hash=digest, purged=False, where=where)
+        for sc in body["sidecars"]:
+            chain.sidecars[sc["file"]] = dict(sc, segment=body["file"])
     elif rtype == "receipt" and body["segment_id"] is not None:
+        if body["segment_id"] not in {s["segment_id"] for s in chain.segments.values()}:
+            result.fail(where, "receipt for a segment with no earlier segment record")
         chain.receipts[body["segment_id"]] = body["receipt_sha256"]
+    elif rtype in ("session_open", "session_context") and body["context_sha256"] is not None:
+        chain.hashed.add(f"{body['context_sha256']}.context.age")
+    elif rtype == "marker" and body["note_sha256"] is not None:
+        chain.hashed.add(f"{body['note_sha256']}.note.age")
     elif rtype == "purge":
         seg = chain.segments.get(body["file"])
         if seg is None or seg["sha256_cipher"] != body["sha256_cipher"]:
@@ -501,6 +527,14 @@ def verify_receipts(root: Path, chain: Chain, receipt_pem: bytes, result: Result
         result.receipts_checked += 1
 
 
+def verify_sidecar_decrypts(path: Path, result: Result, identity: Path) -> None:
+    age = subprocess.run(["age", "-d", "-i", str(identity), str(path)], capture_output=True)
+    if age.returncode != 0:
+        result.fail(f"segments/{path.name}", f"sidecar decryption failed: {age.stderr.decode(errors='replace')}")
+    else:
+        result.sidecars_decrypted += 1
+
+
 def verify(root: Path, work: Path, identity: Path | None = None, pinned_pem: bytes | None = None,
            receipt_pem: bytes | None = None) -> Result:
     """Verify a data directory or a bundle as FORMAT.md §14 says."""
@@ -512,8 +546,25 @@ def verify(root: Path, work: Path, identity: Path | None = None, pinned_pem: byt
     for name in sorted(present):
         if name.endswith(".part"):
             result.fail(f"segments/{name}", "unfinished segment")
-        elif name not in chain.segments:
+        elif name not in chain.segments and name not in chain.sidecars and name not in chain.hashed:
             result.fail(f"segments/{name}", "not accounted for by any segment record")
+    for name, sidecar in chain.sidecars.items():  # §14.2 S8
+        if name not in present:
+            if not chain.segments[sidecar["segment"]]["purged"]:
+                result.fail(f"segments/{name}", "sidecar missing and its segment never purged")
+            continue
+        data = (folder / name).read_bytes()
+        if len(data) != sidecar["size"] or hashlib.sha256(data).hexdigest() != sidecar["sha256_cipher"]:
+            result.fail(f"segments/{name}", "sidecar size or SHA-256 differs from its segment record")
+        elif identity is not None:
+            verify_sidecar_decrypts(folder / name, result, identity)
+    for name in sorted(chain.hashed):  # §14.2 S9
+        if name not in present:
+            result.fail(f"segments/{name}", "missing sidecar whose hash a record carries")
+        elif hashlib.sha256((folder / name).read_bytes()).hexdigest() != HASH_NAMED_SIDECAR.fullmatch(name)[1]:
+            result.fail(f"segments/{name}", "SHA-256 differs from its name")
+        elif identity is not None:
+            verify_sidecar_decrypts(folder / name, result, identity)
     for name, seg in chain.segments.items():
         result.segments += 1
         if name not in present:
@@ -674,7 +725,7 @@ def test_independent_verifier_rejects_a_ledger_not_signed_by_the_pinned_device_k
 # --- the body tables of FORMAT.md against what the code accepts and stores ---------------------------
 
 SAMPLES = {"string": "x", "id": "ID-1", "hex64": "ab" * 32, "int": -7, "int ≥ 0": 0, "bool": True,
-           "object": {"k": 1}}
+           "object": {"k": 1}, "segment file": "ID-1.age", "sidecar file": "ID-1.gps.age"}
 
 
 def sample(t: str, choice: int = 0) -> Any:
@@ -806,3 +857,25 @@ def test_format_md_tables_name_every_field_and_value_the_code_schemas_have():
     out = subprocess.run([sys.executable, str(tool), "--check-tables"], capture_output=True, text=True,
                          cwd=tool.parents[1])
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_independent_verifier_accounts_for_a_gps_sidecar_and_decrypts_it_with_stock_age(open_store, bureau_identity,
+                                                                                      identity_file, tmp_path):
+    """§10.5: a segment's sidecar, written by the GPS helper and listed by recovery, is found by its name,
+    hashed and decrypted by the stock `age` tool; a hash-named context sidecar no record carries is not."""
+    from agent.capture.gps import GpsTrackRecorder
+
+    store = open_store()
+    seg = store.open_segment("SG", 0)
+    seg.write_fragment(b"\x00" * 70_000, FragmentInfo(30, 48_000, 0, 966_667))
+    GpsTrackRecorder().seal("SG-0000", 0, 1_000_000, [bureau_identity.recipient]).write(store.segments_dir)
+    seg.writer.abandon()
+    store.close()
+    store = open_store()
+    store.recover()
+    store.close()
+    result = verify(store.data_dir, tmp_path / "work", identity_file)
+    assert result.problems == [] and result.sidecars_decrypted == 1
+    (store.segments_dir / f"{'ab' * 32}.context.age").write_bytes(b"x")
+    result = verify(store.data_dir, tmp_path / "work")
+    assert result.problems == [f"segments/{'ab' * 32}.context.age: not accounted for by any segment record"]

@@ -77,6 +77,10 @@ def test_docked_sync_uploads_verifies_and_receipts_everything(tmp_path):
         purged = store.purge_for_space(store.fs.disk_usage(store.data_dir)[1] + 10**15)
         assert purged == ["SOLD-aaaa-0000", "SOLD-aaaa-0001", "SNEW-bbbb-0000"]
         assert len(list(store.ledger.records(rtype="purge"))) == len(purged)
+        # A second pass sends the purge records (the bureau accepts purges of earlier batches' segments)
+        # and nothing else.
+        again = rig.syncer().sync_once()
+        assert again.uploaded == [] and again.error is None and again.ledger_sent >= len(purged)
         rig.dev.close()
 
 

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.evidence.age import CHUNK_SIZE, CIPHER_CHUNK_SIZE, NONCE_SIZE, Identity, read_header
 from agent.evidence.receipts import ReceiptVerifier, receipt_bytes
-from agent.evidence.records import BODY_SCHEMAS, HEX64, ID, Sidecar, SignedRecord
+from agent.evidence.records import BODY_SCHEMAS, HEX64, ID, SEGMENT_FILE, SIDECAR_FILE, Sidecar, SignedRecord
 from agent.evidence.signing import key_id, public_key_pem
 from agent.evidence.verify import Verifier
 from agent.storage.keys import PemFileSigner
@@ -188,7 +188,8 @@ def type_word(annotation: typing.Any, metadata: list[typing.Any]) -> str:
         return "int ≥ 0" if any(getattr(m, "ge", None) == 0 for m in metadata) else "int"
     if annotation is str:
         pattern = next((m.pattern for m in metadata if getattr(m, "pattern", None)), None)
-        return {None: "string", HEX64: "hex64", ID: "id"}.get(pattern, f"string matching {pattern}")
+        return {None: "string", HEX64: "hex64", ID: "id", SEGMENT_FILE: "segment file",
+                SIDECAR_FILE: "sidecar file"}.get(pattern, f"string matching {pattern}")
     return f"<{annotation}>"
 
 

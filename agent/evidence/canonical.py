@@ -86,7 +86,10 @@ def _check_key(path: str):
 def canonical_bytes(value: Any) -> bytes:
     """Return the RFC 8785 serialisation of `value` as UTF-8 bytes."""
     out: list[str] = []
-    _encode(value, "$", out)
+    try:
+        _encode(value, "$", out)
+    except RecursionError:
+        raise CanonicalJSONError("value is nested too deeply to encode") from None
     return "".join(out).encode("utf-8")
 
 
@@ -96,6 +99,8 @@ def parse_canonical(data: bytes) -> Any:
         value = json.loads(data.decode("utf-8"), parse_float=_reject_float, parse_constant=_reject_float)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CanonicalJSONError(f"not valid JSON: {exc}") from exc
+    except RecursionError:  # hostile input such as 100 000 nested arrays: an error, never a crash
+        raise CanonicalJSONError("JSON is nested too deeply") from None
     if canonical_bytes(value) != data:
         raise CanonicalJSONError("JSON is valid but not in RFC 8785 canonical form")
     return value

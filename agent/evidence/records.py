@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.evidence.canonical import CanonicalJSONError, canonical_bytes, parse_canonical
 
@@ -20,6 +21,12 @@ SCHEMA_VERSION = 1
 GENESIS_PREV = "0" * 64
 HEX64 = r"^[0-9a-f]{64}$"
 ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+# File names in segments/ are derived from ids, so they are plain names: no separator, never "." or "..".
+SEGMENT_FILE = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\.age$"
+SIDECAR_FILE = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\.(gps|context)\.age$"
+SEGMENT_SUFFIX = ".age"
+# A segment's sidecar is `<segment_id>.<tag>.age` (docs/FORMAT.md, "Sidecars").
+SIDECAR_TAGS = {"gps_track": "gps", "context": "context"}
 
 
 class RecordError(ValueError):
@@ -176,9 +183,19 @@ class PolicyFlag(_Body):
     detail: str = ""
 
 
+def segment_file_name(segment_id: str) -> str:
+    """The name of a segment's file in `segments/`."""
+    return segment_id + SEGMENT_SUFFIX
+
+
+def sidecar_file_name(segment_id: str, kind: str) -> str:
+    """The name of a segment's sidecar of `kind` in `segments/`."""
+    return f"{segment_id}.{SIDECAR_TAGS[kind]}{SEGMENT_SUFFIX}"
+
+
 class Sidecar(_Body):
     kind: Literal["gps_track", "context"]
-    file: str
+    file: str = Field(pattern=SIDECAR_FILE)
     size: int = Field(ge=0)
     sha256_cipher: str = Field(pattern=HEX64)
 
@@ -189,7 +206,7 @@ class Segment(_Body):
     segment_id: str = Field(pattern=ID)
     session_id: str | None = None
     index: int = Field(ge=0, description="0-based position of the segment within its session")
-    file: str
+    file: str = Field(pattern=SEGMENT_FILE)
     size: int = Field(ge=0, description="ciphertext bytes on disk")
     sha256_cipher: str = Field(pattern=HEX64)
     plain_size: int | None = Field(default=None, ge=0)
@@ -207,6 +224,20 @@ class Segment(_Body):
     recovered: bool
     sidecars: list[Sidecar] = []
 
+    @model_validator(mode="after")
+    def _names_follow_the_segment_id(self) -> Segment:
+        if self.file != segment_file_name(self.segment_id):
+            raise ValueError(f"file {self.file!r} must be the segment id plus .age "
+                             f"({segment_file_name(self.segment_id)!r})")
+        kinds = [s.kind for s in self.sidecars]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"at most one sidecar of each kind, got {kinds}")
+        for sidecar in self.sidecars:
+            if sidecar.file != sidecar_file_name(self.segment_id, sidecar.kind):
+                raise ValueError(f"sidecar file {sidecar.file!r} must be "
+                                 f"{sidecar_file_name(self.segment_id, sidecar.kind)!r}")
+        return self
+
 
 class Dock(_Body):
     dock_id: str | None = None
@@ -222,10 +253,17 @@ class Receipt(_Body):
 
 class Purge(_Body):
     segment_id: str = Field(pattern=ID)
-    file: str
+    file: str = Field(pattern=SEGMENT_FILE)
     sha256_cipher: str = Field(pattern=HEX64)
     receipt_sha256: str = Field(pattern=HEX64)
     reason: Literal["space_needed", "bureau_request", "decommission"]
+
+    @model_validator(mode="after")
+    def _file_follows_the_segment_id(self) -> Purge:
+        if self.file != segment_file_name(self.segment_id):
+            raise ValueError(f"file {self.file!r} must be the segment id plus .age "
+                             f"({segment_file_name(self.segment_id)!r})")
+        return self
 
 
 class Alarm(_Body):
@@ -290,17 +328,30 @@ class ClockQuality(StrEnum):
     UNSET = "unset"  # never set: wall times are not trustworthy
 
 
-def validate_body(rtype: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Check `body` against its type's schema and return it in its canonical dict form."""
-    model = BODY_SCHEMAS.get(rtype)
+def _short(value: Any, limit: int = 60) -> str:
+    """repr() of a value from an untrusted record, cut to a length fit for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def validate_body(rtype: Any, body: Any) -> dict[str, Any]:
+    """Check `body` against its type's schema and return it in its canonical dict form.
+
+    Raises RecordError (never anything else) for any input: an unknown or non-string type, a body that
+    is not an object, or one that does not match the schema."""
+    model = BODY_SCHEMAS.get(rtype) if isinstance(rtype, str) else None
     if model is None:
-        raise RecordError(f"unknown record type {rtype!r}")
+        raise RecordError(f"unknown record type {_short(rtype)}")
+    if not isinstance(body, dict):
+        raise RecordError(f"{rtype} body must be an object, got {type(body).__name__}")
     try:
         parsed = model.model_validate_json(canonical_bytes(body))
     except CanonicalJSONError as exc:
         raise RecordError(f"{rtype} body: {exc}") from None
     except ValidationError as exc:
-        raise RecordError(f"{rtype} body invalid: {exc.errors(include_url=False)}") from None
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
+                             for e in exc.errors(include_url=False, include_input=False)[:5])
+        raise RecordError(f"{rtype} body invalid: {problems}") from None
     return parsed.model_dump(mode="json")
 
 
@@ -360,20 +411,33 @@ def build_record(*, device: str, seq: int, prev: str, rtype: str, wall_us: int, 
 
 
 def check_envelope(rec: Any) -> None:
-    """Raise RecordError unless `rec` has exactly the envelope fields with the right kinds."""
+    """Raise RecordError unless `rec` has exactly the envelope fields, each of its type (docs/FORMAT.md §5).
+
+    Any JSON value may be passed: the only exception raised is RecordError. A JSON boolean is never an
+    integer here (`"v":true` is not version 1)."""
     if not isinstance(rec, dict) or set(rec) != ENVELOPE_KEYS:
-        got = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+        got = sorted(map(str, rec)) if isinstance(rec, dict) else type(rec).__name__
         raise RecordError(f"record envelope must have keys {sorted(ENVELOPE_KEYS)}, got {got}")
-    if rec["v"] != SCHEMA_VERSION:
-        raise RecordError(f"unsupported schema version {rec['v']!r}")
+    if type(rec["v"]) is not int or rec["v"] != SCHEMA_VERSION:
+        raise RecordError(f"v must be the integer {SCHEMA_VERSION}, got {_short(rec['v'])}")
+    for key in ("device", "type"):
+        if not isinstance(rec[key], str):
+            raise RecordError(f"{key} must be a string, got {_short(rec[key])}")
     for key in ("seq", "wall_us", "mono_us"):
-        if not isinstance(rec[key], int) or isinstance(rec[key], bool):
-            raise RecordError(f"{key} must be an integer")
+        if type(rec[key]) is not int:
+            raise RecordError(f"{key} must be an integer, got {_short(rec[key])}")
     if rec["seq"] < 1:
-        raise RecordError("seq starts at 1")
-    if not isinstance(rec["prev"], str) or len(rec["prev"]) != 64:
-        raise RecordError("prev must be 64 lowercase hex digits")
+        raise RecordError(f"seq starts at 1, got {rec['seq']}")
+    if not isinstance(rec["prev"], str) or not _HEX64_RE.fullmatch(rec["prev"]):
+        raise RecordError(f"prev must be 64 lowercase hex digits, got {_short(rec['prev'])}")
     clock = rec["clock"]
-    if (not isinstance(clock, dict) or set(clock) != {"source", "quality"}
-            or clock["quality"] not in {q.value for q in ClockQuality}):
-        raise RecordError(f"clock must be {{source, quality}} with quality in synced/free_running/unset: {clock!r}")
+    if (not isinstance(clock, dict) or set(clock) != {"source", "quality"} or not isinstance(clock["source"], str)
+            or not isinstance(clock["quality"], str) or clock["quality"] not in _CLOCK_QUALITIES):
+        raise RecordError("clock must be {source: string, quality: synced/free_running/unset}, got "
+                          f"{_short(clock)}")
+    if not isinstance(rec["body"], dict):
+        raise RecordError(f"body must be an object, got {type(rec['body']).__name__}")
+
+
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+_CLOCK_QUALITIES = frozenset(q.value for q in ClockQuality)

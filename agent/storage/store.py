@@ -27,7 +27,7 @@ from agent import __version__
 from agent.clock import Clock
 from agent.evidence.age import CIPHER_CHUNK_SIZE, AgeError, Recipient, read_header
 from agent.evidence.receipts import VerifiedReceipt
-from agent.evidence.records import SignedRecord
+from agent.evidence.records import SEGMENT_FILE, SIDECAR_FILE, SIDECAR_TAGS, SignedRecord, sidecar_file_name
 from agent.evidence.signing import key_id, load_public_key, public_key_der
 from agent.storage.db import Database, DatabaseFullError
 from agent.storage.fs import FileSystem
@@ -62,6 +62,9 @@ class SegmentState:
     RECEIPTED = "RECEIPTED"
     PURGED = "PURGED"
     REJECTED = "REJECTED"
+    # Terminal, set only by recovery: the row's file is missing, or its `.part` and `.age` are different
+    # files. Both are left in place, one `recovery` record says so, and later starts leave the row alone.
+    UNRESOLVED = "UNRESOLVED"
 
 
 S = SegmentState
@@ -76,6 +79,7 @@ TRANSITIONS: dict[str, set[str]] = {
     S.REJECTED: {S.QUEUED},
     S.RECEIPTED: set(),
     S.PURGED: set(),
+    S.UNRESOLVED: set(),
 }
 RECEIPTABLE = {S.CLOSED, S.QUEUED, S.UPLOADING, S.UPLOADED, S.REJECTED}
 
@@ -113,6 +117,9 @@ def new_session_id(wall_us: int) -> str:
 
 
 SEGMENT_ID_RE = re.compile(r"^(?P<session>.+)-(?P<index>\d{4,})$")
+_SEGMENT_FILE_RE = re.compile(SEGMENT_FILE)
+_SIDECAR_FILE_RE = re.compile(SIDECAR_FILE)
+_HASHED_SIDECAR_RE = re.compile(r"(?P<sha256>[0-9a-f]{64})\.(?P<kind>context|note)\.age")
 
 
 def segment_id_for(session_id: str, index: int) -> str:
@@ -355,14 +362,19 @@ class EvidenceStore:
     # --- crash recovery ---------------------------------------------------------------------------
 
     def recover(self) -> list[SignedRecord]:
-        """Close every segment a crash left open; account for stray files. Returns the records written."""
+        """Close every segment a crash left open; account for stray files. Returns the records written.
+
+        Each finding is recorded once: a row recovery cannot close becomes UNRESOLVED, and a stray file
+        already named by an `unknown_file` record is not recorded again at the next start."""
         written: list[SignedRecord] = []
         for row in self.segments([S.OPEN]):
             written += self._recover_row(row)
         known = {r["file"] for r in self.segments()}
         for part in sorted(self.segments_dir.glob(f"*{SEGMENT_SUFFIX}{PART_SUFFIX}")):
             final_name = part.name[: -len(PART_SUFFIX)]
-            if final_name in known:
+            # Only a segment's own name is adopted; a sidecar's or an odd name is recorded as a stray below.
+            if (final_name in known or not _SEGMENT_FILE_RE.fullmatch(final_name)
+                    or _SIDECAR_FILE_RE.fullmatch(final_name) or _HASHED_SIDECAR_RE.fullmatch(final_name)):
                 continue
             segment_id = final_name[: -len(SEGMENT_SUFFIX)]
             m = SEGMENT_ID_RE.match(segment_id)
@@ -373,14 +385,87 @@ class EvidenceStore:
                              (segment_id, session_id, index, final_name, S.OPEN, self.clock.wall_us(),
                               self.clock.wall_us()))
             written += self._recover_row(self.row(segment_id))
-        known = {r["file"] for r in self.segments()}
-        for stray in sorted(self.segments_dir.glob(f"*{SEGMENT_SUFFIX}")):
-            if stray.name not in known:
-                written.append(self.ledger.append("recovery", {
-                    "action": "unknown_file", "detail": f"{stray.name}: file with no segment row; left in place"}))
+        written += self._record_strays()
         for row in self.segments([S.PURGED]):
             self._unlink_purged(row["file"])  # a purge whose record committed before the unlink ran
         return written
+
+    def _record_strays(self) -> list[SignedRecord]:
+        """One `unknown_file` record for each file in segments/ that no row or record accounts for."""
+        rows = {r["segment_id"]: r for r in self.segments()}
+        accounted = {r["file"] for r in rows.values()}
+        accounted |= {r["file"] + PART_SUFFIX for r in rows.values() if r["state"] == S.UNRESOLVED}
+        reported: set[str] | None = None
+        self._carried_hashes: set[str] | None = None
+        written = []
+        for path in sorted(self.segments_dir.iterdir()):
+            name = path.name
+            if name in accounted or self._is_recorded_sidecar(name, rows):
+                continue
+            if name.endswith(PART_SUFFIX):
+                detail = f"{name}: unfinished file recovery cannot close; left in place"
+            elif _SIDECAR_FILE_RE.fullmatch(name) or _HASHED_SIDECAR_RE.fullmatch(name):
+                detail = f"{name}: sidecar named by no record; left in place"
+            else:
+                detail = f"{name}: file with no segment row; left in place"
+            if reported is None:
+                reported = {r.fields["body"]["detail"] for r in self.ledger.records(rtype="recovery")
+                            if r.fields["body"]["action"] == "unknown_file"}
+            if detail in reported:
+                continue  # recorded at an earlier start
+            written.append(self.ledger.append("recovery", {"action": "unknown_file", "detail": detail}))
+            reported.add(detail)
+        return written
+
+    def _is_recorded_sidecar(self, name: str, rows: dict[str, dict[str, Any]]) -> bool:
+        """Whether a record names this sidecar: its segment record, or (for a hash-named one) any record
+        carrying its hash."""
+        m = _HASHED_SIDECAR_RE.fullmatch(name)
+        if m:
+            if self._carried_hashes is None:  # read once per recovery, and only if such a file exists
+                self._carried_hashes = {
+                    f"{rec.fields['body'][field]}.{kind}{SEGMENT_SUFFIX}"
+                    for kind, field, types in (("note", "note_sha256", ("marker",)),
+                                               ("context", "context_sha256", ("session_open", "session_context")))
+                    for rtype in types for rec in self.ledger.records(rtype=rtype)
+                    if rec.fields["body"].get(field)}
+            return name in self._carried_hashes
+        m = _SIDECAR_FILE_RE.fullmatch(name)
+        if m:
+            row = rows.get(name[: -len(f".{m[1]}{SEGMENT_SUFFIX}")])
+            if row is None or row["record_seq"] is None:
+                return False
+            found = self.db.query_rows("SELECT data, sig FROM ledger WHERE seq=? AND type='segment'",
+                                       (row["record_seq"],))
+            if not found:
+                return False
+            body = SignedRecord(bytes(found[0][0]), bytes(found[0][1])).fields["body"]
+            return any(s["file"] == name for s in body.get("sidecars", []))
+        return False
+
+    def _leave_unresolved(self, row: dict[str, Any], detail: str) -> list[SignedRecord]:
+        """Record once what recovery cannot close, and take the row out of OPEN so no later start repeats it."""
+        segment_id = row["segment_id"]
+
+        def also(conn, signed: SignedRecord, seq: int) -> None:
+            conn.execute("UPDATE segments SET state=?, updated_wall_us=? WHERE segment_id=?",
+                         (S.UNRESOLVED, self.clock.wall_us(), segment_id))
+            self._log_transition(conn, segment_id, row["state"], S.UNRESOLVED, detail)
+
+        log.error("segment %s: %s", segment_id, detail)
+        return [self.ledger.append("recovery", {"segment_id": segment_id, "action": "unknown_file",
+                                                "detail": detail}, also=also)]
+
+    def _recover_sidecars(self, segment_id: str) -> list[dict[str, Any]]:
+        """The finished sidecar files of a segment being recovered (a `.part` sidecar is left to the stray
+        pass: nothing vouches that it was written whole)."""
+        found = []
+        for kind in SIDECAR_TAGS:
+            path = self.segments_dir / sidecar_file_name(segment_id, kind)
+            if path.is_file() and not path.is_symlink():
+                found.append({"kind": kind, "file": path.name, "size": path.stat().st_size,
+                              "sha256_cipher": _hash_file(path)})
+        return found
 
     def _recover_row(self, row: dict[str, Any]) -> list[SignedRecord]:
         final = self.segments_dir / row["file"]
@@ -388,9 +473,8 @@ class EvidenceStore:
         complete = row["sha256_plain"] is not None  # close_payload() finished: every chunk is on disk
         if part.exists() and final.exists():
             if not final.samefile(part):
-                return [self.ledger.append("recovery", {
-                    "segment_id": row["segment_id"], "action": "unknown_file",
-                    "detail": f"{part.name} and {final.name} are different files; both left in place"})]
+                return self._leave_unresolved(row, f"{part.name} and {final.name} are different files; both left "
+                                                   "in place")
             # A rename cut between its link and its unlink: both names are the same file.
             part.unlink()
             self.fs.sync_dir(self.segments_dir)
@@ -398,8 +482,7 @@ class EvidenceStore:
             self.fs.rename_new(part, final)
             self.fs.sync_dir(self.segments_dir)
         if not final.exists():
-            return [self.ledger.append("recovery", {"segment_id": row["segment_id"], "action": "unknown_file",
-                                                    "detail": "segment row without a file"})]
+            return self._leave_unresolved(row, "segment row without a file")
         survey = survey_age_file(final)
         body = self._segment_body(
             row, file=final.name, size=survey["size"], sha256_cipher=survey["sha256_cipher"],
@@ -408,6 +491,7 @@ class EvidenceStore:
             sha256_complete=survey["sha256_cipher"] if complete else survey["sha256_complete"],
             truncated=not complete, recovered=True,
             plain_size=row["plain_size"] if complete else None, sha256_plain=row["sha256_plain"] if complete else None)
+        body["sidecars"] = self._recover_sidecars(row["segment_id"])
         record = self._commit_segment_record(row["segment_id"], body)
         note = self.ledger.append("recovery", {
             "segment_id": row["segment_id"], "action": "closed_complete" if complete else "closed_truncated",
