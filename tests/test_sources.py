@@ -185,7 +185,8 @@ def test_camera_stall_is_reported_as_a_camera_fault_and_recovers_by_itself(clock
     assert outage_us >= SMALL.stall_timeout_s * 1e6
     numbers = decode_frame_numbers(packets)
     assert None not in numbers and numbers == sorted(set(numbers))
-    assert numbers[before] - numbers[before - 1] == round(outage_us / FRAME_US)
+    # The frames the sensor never delivered match the outage (to a frame: the stall lands mid-interval).
+    assert abs((numbers[before] - numbers[before - 1]) - outage_us / FRAME_US) <= 1
 
 
 def test_encoder_error_is_reported_as_an_encoder_fault_and_recovers_when_it_clears(clock: SimClock) -> None:
