@@ -24,10 +24,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     try:
         identity = Identity.load(args.identity) if args.identity else None
         pinned = load_pinned_key(args.pubkey)
-    except (OSError, AgeError, SignatureError) as exc:
+        receipt_key = load_pinned_key(args.receipt_key)
+        if args.from_seq > 1 and (not args.prev or not pinned):
+            raise ValueError("an incremental bundle (--from-seq N) needs --prev (hash of record N-1) and --pubkey")
+        report = Verifier(identity=identity, pinned_key=pinned, receipt_key=receipt_key).verify_path(
+            args.path, start_seq=args.from_seq, start_prev=args.prev or "0" * 64, key=pinned)
+    except (OSError, AgeError, SignatureError, ValueError) as exc:
         print(f"bwc-agent verify: {exc}", file=sys.stderr)
         return 2
-    report = Verifier(identity=identity, pinned_key=pinned).verify_path(args.path)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.render())
     return 0 if report.ok else 1
 
@@ -194,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path, help="device data dir (ledger.db) or bundle (ledger.jsonl) with segments/")
     p.add_argument("--identity", type=Path, help="bureau age identity file: also decrypt and check plaintext")
     p.add_argument("--pubkey", type=Path, help="device public key or certificate (PEM) to pin")
+    p.add_argument("--receipt-key", type=Path, help="bureau receipt public key (PEM): also check stored receipts")
+    p.add_argument("--from-seq", type=int, default=1, help="the bundle holds records from this seq on")
+    p.add_argument("--prev", help="SHA-256 (hex) of record FROM_SEQ-1, the anchor of an incremental bundle")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_verify)
 

@@ -393,3 +393,23 @@ def test_hash_named_context_sidecar_is_accounted_for_by_the_record_carrying_its_
     path.unlink()
     _, errs = problems(store.data_dir)
     assert errs == [f"segments/{digest}.context.age: missing: a record carries this context sidecar's hash"]
+
+
+def test_cli_verifies_an_incremental_bundle_anchored_at_the_previous_record(tmp_path, store, signer):
+    from agent.evidence.signing import public_key_pem
+
+    for i in range(3):
+        write_segment(store, "S1", i)
+    records = list(store.ledger.records())
+    out = tmp_path / "batch"
+    (out / "segments").mkdir(parents=True)
+    for rec in records[2:]:
+        seg = store.segments_dir / rec.fields["body"]["file"]
+        shutil.copy(seg, out / "segments" / seg.name)
+    (out / "ledger.jsonl").write_bytes(b"".join(r.to_line() for r in records[2:]))
+    pem = tmp_path / "device.pem"
+    pem.write_bytes(public_key_pem(signer.public_key()))
+    args = ["verify", str(out), "--pubkey", str(pem), "--from-seq", "3"]
+    assert main(args + ["--prev", records[1].hash]) == 0
+    assert main(args + ["--prev", records[0].hash]) == 1  # wrong anchor: the chain does not continue
+    assert main(["verify", str(out), "--from-seq", "3"]) == 2  # an anchor is required
