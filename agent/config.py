@@ -135,6 +135,8 @@ class SyncConfig(_Section):
     gps_port: str | None = Field(None, description="GPS serial line, e.g. /dev/bwc-gps")
     day_end_local: str = Field("23:59", pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="R20 same-day deadline")
     remote_grace_h: int = Field(24, ge=1, le=72, description="R20: hours after return for remote days")
+    remote_day: bool = Field(False, description="R20: a remote/out-of-town day: the deadline is remote_grace_h "
+                                                "after the first dock that follows the recording")
 
 
 class HardwareConfig(_Section):

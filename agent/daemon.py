@@ -101,6 +101,29 @@ def load_credentials(cfg: AgentConfig) -> Credentials:
                        ca_file=k.ca_cert, cert_file=k.device_cert, key_file=k.identity_key)
 
 
+def overdue_segments(rows: list[dict[str, Any]], dock_wall_us: list[int], sync: Any, now: datetime) -> list[str]:
+    """R20: footage is due the same day (by `sync.day_end_local`, local time); on a remote/out-of-town day
+    (`sync.remote_day`) it is due `remote_grace_h` hours after the first docking that follows it, and not
+    overdue before the device is back at all."""
+    hh, mm = (int(x) for x in sync.day_end_local.split(":"))
+    late = []
+    for row in rows:
+        opened_us = row["opened_wall_us"] or 0
+        opened = datetime.fromtimestamp(opened_us / 1e6)
+        if sync.remote_day:
+            back = min((d for d in dock_wall_us if d >= opened_us), default=None)
+            if back is None:
+                continue
+            deadline = datetime.fromtimestamp(back / 1e6) + timedelta(hours=sync.remote_grace_h)
+        else:
+            deadline = opened.replace(hour=hh, minute=mm, second=59, microsecond=0)
+            if deadline < opened:  # recorded after the day's deadline: due by the next one
+                deadline += timedelta(days=1)
+        if now > deadline:
+            late.append(row["segment_id"])
+    return late
+
+
 class PipelineRecorder:
     """The capture pipeline behind the state machine's Recorder port. Stop and pause wait until the
     segment is closed and signed, so the ledger shows the segment before the session's close."""
@@ -393,17 +416,11 @@ class Device:
     # --- main loop --------------------------------------------------------------------------------
 
     def overdue(self, now: datetime | None = None) -> list[str]:
-        """Segments not receipted after the same-day deadline (R20): opened before today's `day_end_local`
-        once it has passed, or before any earlier day's."""
-        now = now or datetime.now()
-        hh, mm = (int(x) for x in self.cfg.sync.day_end_local.split(":"))
-        deadline = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
-        if now < deadline:
-            deadline -= timedelta(days=1)
-        cutoff_us = int(deadline.timestamp() * 1e6)
-        return [r["segment_id"] for r in self.store.segments((S.CLOSED, S.QUEUED, S.UPLOADING, S.UPLOADED,
-                                                              S.REJECTED))
-                if (r["opened_wall_us"] or 0) < cutoff_us]
+        """Segments whose R20 upload deadline has passed without a receipt."""
+        rows = self.store.segments((S.CLOSED, S.QUEUED, S.UPLOADING, S.UPLOADED, S.REJECTED))
+        docks = [r.fields["wall_us"] for r in self.store.ledger.records(rtype="dock")
+                 if r.fields["body"]["event"] == "docked"]
+        return overdue_segments(rows, docks, self.cfg.sync, now or datetime.now())
 
     def check_deadlines(self) -> None:
         late = [s for s in self.overdue() if s not in self._deadline_alarmed]
