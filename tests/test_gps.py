@@ -231,3 +231,13 @@ def test_a_sidecar_is_never_overwritten(track: GpsTrackRecorder, bureau_identity
     with pytest.raises(FileExistsError):
         sealed.write(tmp_path)
     assert (tmp_path / sealed.file_name).read_bytes() == sealed.ciphertext
+
+
+def test_a_segment_without_track_points_gets_no_sidecar_file(bureau_identity: Identity, tmp_path: Path):
+    recorder = GpsTrackRecorder(mono_us=lambda: 7_000_000)
+    recorder.add(None)  # a loss of fix is stamped on the recorder's clock (the media clock), not the system's
+    provide = recorder.sidecar_provider(tmp_path, [bureau_identity.recipient])
+    assert provide("S1-0000", 0, 7_000_000) == [] and list(tmp_path.iterdir()) == []
+    (entry,) = provide("S1-0001", 7_000_000, 8_000_000)
+    assert entry["file"] == "S1-0001.gps.age" and Sidecar.model_validate(entry).kind == "gps_track"
+    assert [p.name for p in tmp_path.iterdir()] == ["S1-0001.gps.age"]

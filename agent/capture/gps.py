@@ -8,13 +8,15 @@ and skipped; it never ends the reader.
 
 The track of a segment is sensitive (R23): `GpsTrackRecorder.seal()` serialises the segment's points as
 JSON Lines and encrypts them to the bureau's recipients in memory; `SealedTrack.write()` puts only the
-ciphertext on disk and returns the `Sidecar` (size, SHA-256) for the segment record (docs/FORMAT.md,
-"Sidecars"). The device cannot read its own tracks back.
+ciphertext on disk and returns the `Sidecar` (size, SHA-256) for the segment record (docs/FORMAT.md §10.5,
+"Sidecars"). The device cannot read its own tracks back. `GpsTrackRecorder.sidecar_provider()` is the
+capture pipeline's `sidecar_provider`: it seals and writes the track of each segment just before the
+segment is closed, so the segment record names it.
 
 Threads: `GpsReceiver` runs one "gps" thread that owns the port (open, re-open with bounded backoff after
 a SerialException, read, parse) and calls `on_fix` on that thread. `GpsTrackRecorder.add` is called from
-the gps thread (usually as `on_fix`), `seal` from the capture writer thread; its lock is the only shared
-state. `current_fix`, `time_hint`, `stats` may be called from any thread.
+the gps thread (usually as `on_fix`), `seal`/`sidecar_for` from the capture writer thread; its lock is the
+only shared state. `current_fix`, `time_hint`, `stats` may be called from any thread.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import serial
 
 from agent.evidence.age import Recipient, encrypt_bytes
 from agent.evidence.canonical import canonical_bytes, parse_canonical
-from agent.evidence.records import Sidecar
+from agent.evidence.records import SIDECAR_TAGS, Sidecar, sidecar_file_name
 from agent.storage.fs import FileSystem
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,10 @@ log = logging.getLogger(__name__)
 MAX_SENTENCE_BYTES = 128  # NMEA allows 82; anything far beyond is line noise
 TRACK_FORMAT = "bwc-gps-track"
 TRACK_VERSION = 1
-SIDECAR_SUFFIX = ".gps.age"  # not ".age": the store's recovery owns "*.age" in segments/
+SIDECAR_KIND = "gps_track"
+# A track is `<segment_id>.gps.age` in segments/ (records.sidecar_file_name, docs/FORMAT.md §10.5): the
+# segment record lists it, and crash recovery adopts it by that name when it closes the segment.
+SIDECAR_SUFFIX = f".{SIDECAR_TAGS[SIDECAR_KIND]}.age"
 
 
 class NmeaValueError(ValueError):
@@ -435,10 +440,10 @@ class SealedTrack:
 
     @property
     def file_name(self) -> str:
-        return f"{self.segment_id}{SIDECAR_SUFFIX}"
+        return sidecar_file_name(self.segment_id, SIDECAR_KIND)
 
     def sidecar(self) -> Sidecar:
-        return Sidecar(kind="gps_track", file=self.file_name, size=len(self.ciphertext),
+        return Sidecar(kind=SIDECAR_KIND, file=self.file_name, size=len(self.ciphertext),
                        sha256_cipher=hashlib.sha256(self.ciphertext).hexdigest())
 
     def write(self, directory: Path, fs: FileSystem | None = None) -> Sidecar:
@@ -462,11 +467,15 @@ class GpsTrackRecorder:
     """Keeps recent points (fixes and losses of fix) and seals a segment's points by media timestamp.
 
     Points are routed by their monotonic time, the clock the media timestamps use, so a segment gets the
-    points of its own time span, including the pre-event part. Memory is bounded: points older than
-    `retention_s` or beyond `max_points` are dropped, oldest first, and counted in `dropped_points`.
+    points of its own time span, including the pre-event part. A fix carries the time its receiver read
+    it; a loss of fix is stamped with `mono_us`, which must be that same clock (the receiver's and the
+    media's: `Clock.mono_us`). Memory is bounded: points older than `retention_s` or beyond `max_points`
+    are dropped, oldest first, and counted in `dropped_points`.
     """
 
-    def __init__(self, *, retention_s: float = 900.0, max_points: int = 36_000):
+    def __init__(self, *, retention_s: float = 900.0, max_points: int = 36_000,
+                 mono_us: Callable[[], int] = _mono_us):
+        self._mono_us = mono_us
         self.retention_us = int(retention_s * 1_000_000)
         self._points: deque[TrackPoint] = deque()
         self._max_points = max_points
@@ -475,7 +484,7 @@ class GpsTrackRecorder:
 
     def add(self, fix: GpsFix | None, mono_us: int | None = None) -> None:
         """Record a fix, or (None) the loss of fix at `mono_us` (now if not given). Usable as `on_fix`."""
-        at = _mono_us() if mono_us is None else mono_us
+        at = self._mono_us() if mono_us is None else mono_us
         point = TrackPoint.from_fix(fix) if fix is not None else TrackPoint(mono_us=at, fix=False)
         with self._lock:
             self._points.append(point)
@@ -494,6 +503,30 @@ class GpsTrackRecorder:
         points = self.points_between(from_mono_us, to_mono_us)
         plaintext = serialise_track(segment_id, from_mono_us, to_mono_us, points)
         return SealedTrack(segment_id, len(points), encrypt_bytes(plaintext, list(recipients)))
+
+    def sidecar_for(self, segment_id: str, first_pts_us: int, end_pts_us: int, segments_dir: Path,
+                    recipients: Iterable[Recipient], fs: FileSystem | None = None) -> list[dict[str, Any]]:
+        """Seal and durably write the track of a segment spanning [first_pts_us, end_pts_us) on the media
+        clock; returns its `sidecars` entry as a one-item list, or [] (nothing written) if no point falls
+        in that span. Raises OSError/FileExistsError if the file cannot be written (an existing sidecar is
+        never replaced). Cost: encrypting a few KB and two fsyncs, on the caller's thread."""
+        with self._lock:
+            if not any(first_pts_us <= p.mono_us < end_pts_us for p in self._points):
+                return []
+        sealed = self.seal(segment_id, first_pts_us, end_pts_us, recipients)
+        return [sealed.write(Path(segments_dir), fs).model_dump()]
+
+    def sidecar_provider(self, segments_dir: Path, recipients: Iterable[Recipient],
+                         fs: FileSystem | None = None) -> Callable[[str, int, int], list[dict[str, Any]]]:
+        """`sidecar_for` bound to a store's `segments/` and recipients: the capture pipeline's
+        `sidecar_provider` (`CapturePipeline(..., sidecar_provider=track.sidecar_provider(store.segments_dir,
+        store.recipients, store.fs))`)."""
+        bound = list(recipients)
+
+        def provide(segment_id: str, first_pts_us: int, end_pts_us: int) -> list[dict[str, Any]]:
+            return self.sidecar_for(segment_id, first_pts_us, end_pts_us, segments_dir, bound, fs)
+
+        return provide
 
 
 def serialise_track(segment_id: str, from_mono_us: int, to_mono_us: int, points: list[TrackPoint]) -> bytes:

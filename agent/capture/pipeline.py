@@ -11,6 +11,11 @@ Threads:
   start press splits the stream exactly between packets submitted before it and after it.
 - events (`PipelineEvents`) are delivered on the writer thread, except `queue_overflow`; a subscriber
   must return quickly and may call the control methods (they only enqueue).
+- the optional `sidecar_provider` runs on the writer thread just before each normal segment close, while
+  packets wait in the inbox: it must be fast (the GPS track recorder seals a few KB and fsyncs it). What it
+  returns goes into the segment record; if it raises, or returns an entry the store refuses, the error is
+  logged and counted, `sidecar_failed` is reported, and the segment closes without it: footage is never
+  held back for a sidecar.
 
 States: READY (GOPs fill the pre-event ring) -> RECORDING (the ring is written first, then live GOPs)
 -> READY on stop. A storage failure closes the open segment as truncated (`OpenSegment.abort`),
@@ -28,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent.capture.fmp4 import MuxError
 from agent.capture.packets import AudioParams, EncodedPacket, VideoParams
@@ -46,12 +51,18 @@ from agent.capture.segmenter import (
 from agent.clock import Clock
 from agent.evidence.records import SignedRecord
 from agent.storage.segment_writer import StorageError, StorageFullError
-from agent.storage.store import EvidenceStore, OpenSegment, segment_id_for
+from agent.storage.store import EvidenceStore, OpenSegment, SidecarError, segment_id_for
 
 log = logging.getLogger(__name__)
 
 READY, RECORDING, INTERRUPTED = "READY", "RECORDING", "INTERRUPTED"
 STORAGE_ERRORS = (StorageError, OSError, sqlite3.Error)
+
+# (segment_id, first_pts_us, end_pts_us) -> `sidecars` entries of the segment record (records.Sidecar dicts)
+# for files it has written, fsynced and renamed in segments/ (docs/FORMAT.md §10.5). The span is the
+# segment's time on the media clock, end exclusive: the first frame of the next segment at a split, else
+# just past the last frame, so consecutive segments' spans meet without a gap.
+SidecarProvider = Callable[[str, int, int], list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -136,6 +147,15 @@ class QueueRecovered:
 
 
 @dataclass(frozen=True)
+class SidecarFailed:
+    """The sidecar provider failed for a segment; the segment was closed without its sidecars."""
+
+    session_id: str
+    segment_id: str
+    error: Exception
+
+
+@dataclass(frozen=True)
 class WriterFault:
     code: str  # "mux_error", "writer_error", "bad_command"
     detail: str
@@ -156,6 +176,8 @@ class PipelineEvents(Protocol):
     def queue_recovered(self, event: QueueRecovered) -> None: ...
 
     def fault(self, event: WriterFault) -> None: ...
+
+    def sidecar_failed(self, event: SidecarFailed) -> None: ...
 
 
 class IgnoreEvents:
@@ -180,6 +202,9 @@ class IgnoreEvents:
         pass
 
     def fault(self, event: WriterFault) -> None:
+        pass
+
+    def sidecar_failed(self, event: SidecarFailed) -> None:
         pass
 
 
@@ -207,6 +232,7 @@ class PipelineStats:
     keyframe_requests: int
     discarded: dict[str, int]  # packets the assembler refused, by reason
     faults: int
+    sidecar_failures: int  # segments closed without the sidecars the provider was asked for
     writer_latency_us: tuple[int, ...]  # recent samples: submit() to the packet fully handled (written if due)
 
 
@@ -288,8 +314,10 @@ class _Inbox:
 class CapturePipeline:
     def __init__(self, store: EvidenceStore, video: VideoParams, audio: AudioParams | None,
                  config: PipelineConfig | None = None, events: PipelineEvents | None = None,
-                 request_keyframe: Callable[[], object] | None = None, clock: Clock | None = None):
+                 request_keyframe: Callable[[], object] | None = None, clock: Clock | None = None,
+                 sidecar_provider: SidecarProvider | None = None):
         self.store = store
+        self.sidecar_provider = sidecar_provider
         self.config = config or PipelineConfig()
         self.events: PipelineEvents = events or IgnoreEvents()
         self.clock = clock
@@ -307,6 +335,7 @@ class CapturePipeline:
         self._requested_at_us: int | None = None
         self._started_reported = False
         self._segment: OpenSegment | None = None
+        self._segment_end_us: int | None = None  # end of the open segment's time span so far (exclusive)
         self._session_segments = 0
         self._last_pts_us: int | None = None
         self._packets_out = 0
@@ -316,6 +345,7 @@ class CapturePipeline:
         self._fragments_written = 0
         self._bytes_written = 0
         self._faults = 0
+        self._sidecar_failures = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -395,7 +425,7 @@ class CapturePipeline:
                        "audio_out_of_order": counts.audio_out_of_order,
                        "audio_before_video": counts.audio_before_video, "malformed": counts.malformed,
                        "gop_without_its_keyframe": self._packets_undecodable},
-            faults=self._faults, writer_latency_us=tuple(self._latency))
+            faults=self._faults, sidecar_failures=self._sidecar_failures, writer_latency_us=tuple(self._latency))
 
     # --- writer thread ----------------------------------------------------------------------------
 
@@ -502,7 +532,7 @@ class CapturePipeline:
         try:
             if out.new_segment:
                 if self._segment is not None:
-                    self._close_segment()
+                    self._close_segment(next_first_pts_us=out.info.first_pts_us)
                     if self._state != RECORDING:  # closing failed
                         self._packets_lost += len(gop.video) + len(gop.audio)
                         return
@@ -521,6 +551,9 @@ class CapturePipeline:
         self._fragments_written += 1
         self._bytes_written += len(out.data)
         self._last_pts_us = out.info.last_pts_us
+        # GOPs come in time order: the open segment's span now ends where this one does.
+        last = out.info.last_pts_us
+        self._segment_end_us = max(out.gop.start_us + out.gop.duration_us, -1 if last is None else last + 1)
         if not self._started_reported and self._segment is not None and self._segmenter.muxer is not None:
             self._started_reported = True
             base = self._segmenter.muxer.base_pts_us
@@ -529,11 +562,16 @@ class CapturePipeline:
                 self._session_id or "", self._segment.segment_id, base, at,
                 None if at is None else max(0, at - base)))
 
-    def _close_segment(self) -> None:
+    def _close_segment(self, next_first_pts_us: int | None = None) -> None:
         segment, self._segment = self._segment, None
         assert segment is not None
         try:
-            record = segment.close()
+            sidecars = self._sidecars_for(segment, next_first_pts_us)
+            try:
+                record = segment.close(sidecars=sidecars) if sidecars else segment.close()
+            except SidecarError as exc:  # refused before anything was closed: close without them
+                self._sidecar_failed(segment, exc)
+                record = segment.close()
         except STORAGE_ERRORS as exc:
             self._segment = segment
             self._storage_failed(exc)
@@ -541,6 +579,28 @@ class CapturePipeline:
         self._segments_written += 1
         self._emit("segment_closed", SegmentClosed(self._session_id or "", segment.segment_id, segment.index,
                                                    record))
+
+    def _sidecars_for(self, segment: OpenSegment, next_first_pts_us: int | None) -> list[dict[str, Any]]:
+        """Ask the provider for the segment's sidecars; [] (logged, counted, reported) if it fails."""
+        totals = segment.totals
+        if self.sidecar_provider is None or totals.first_pts_us is None:
+            return []
+        # At a split the span ends where the next segment's begins, so no point falls between the two.
+        end_us = next_first_pts_us if next_first_pts_us is not None else self._segment_end_us
+        end_us = max(end_us or 0, totals.first_pts_us + 1)
+        try:
+            sidecars = self.sidecar_provider(segment.segment_id, totals.first_pts_us, end_us)
+            if not isinstance(sidecars, list):
+                raise TypeError(f"sidecar provider returned {type(sidecars).__name__}, not a list")
+            return sidecars
+        except Exception as exc:  # a GPS problem must never cost footage
+            self._sidecar_failed(segment, exc)
+            return []
+
+    def _sidecar_failed(self, segment: OpenSegment, exc: Exception) -> None:
+        self._sidecar_failures += 1
+        log.error("segment %s: closing without sidecars: %s: %s", segment.segment_id, type(exc).__name__, exc)
+        self._emit("sidecar_failed", SidecarFailed(self._session_id or "", segment.segment_id, exc))
 
     def _storage_failed(self, exc: Exception) -> None:
         segment, self._segment = self._segment, None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import re
 import secrets
@@ -27,7 +28,14 @@ from agent import __version__
 from agent.clock import Clock
 from agent.evidence.age import CIPHER_CHUNK_SIZE, AgeError, Recipient, read_header
 from agent.evidence.receipts import VerifiedReceipt
-from agent.evidence.records import SEGMENT_FILE, SIDECAR_FILE, SIDECAR_TAGS, SignedRecord, sidecar_file_name
+from agent.evidence.records import (
+    SEGMENT_FILE,
+    SIDECAR_FILE,
+    SIDECAR_TAGS,
+    Sidecar,
+    SignedRecord,
+    sidecar_file_name,
+)
 from agent.evidence.signing import key_id, load_public_key, public_key_der
 from agent.storage.db import Database, DatabaseFullError
 from agent.storage.fs import FileSystem
@@ -92,6 +100,11 @@ class PurgeRefused(RuntimeError):
     """A purge of a segment without a verified receipt: footage is evidence (R22)."""
 
 
+class SidecarError(ValueError):
+    """A sidecar handed to `OpenSegment.close` that cannot be named by the segment record (wrong shape or
+    name, missing, or not the bytes described). Raised before anything of the close happens."""
+
+
 @dataclass(frozen=True)
 class SpaceReport:
     total_bytes: int
@@ -120,6 +133,11 @@ SEGMENT_ID_RE = re.compile(r"^(?P<session>.+)-(?P<index>\d{4,})$")
 _SEGMENT_FILE_RE = re.compile(SEGMENT_FILE)
 _SIDECAR_FILE_RE = re.compile(SIDECAR_FILE)
 _HASHED_SIDECAR_RE = re.compile(r"(?P<sha256>[0-9a-f]{64})\.(?P<kind>context|note)\.age")
+
+
+def _sidecar_entry(kind: str, path: Path) -> dict[str, Any]:
+    """A segment record's `sidecars` entry for the file at `path`, as it is on disk now."""
+    return {"kind": kind, "file": path.name, "size": path.stat().st_size, "sha256_cipher": _hash_file(path)}
 
 
 def segment_id_for(session_id: str, index: int) -> str:
@@ -176,12 +194,22 @@ class EvidenceStore:
         self.segments_dir = self.data_dir / SEGMENTS_DIR
         self.segments_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.db = Database(self.data_dir / DB_NAME)
+        self._migrate()
         self.ledger = Ledger(self.db, device_id, signer, clock, self.data_dir / JOURNAL_NAME)
         self.restored_records = self.ledger.reconcile()
         self._bind_identity()
         if self.restored_records:
             self.ledger.append("recovery", {"action": "index_rebuilt", "detail":
                                             f"{self.restored_records} ledger record(s) restored from {JOURNAL_NAME}"})
+
+    def _migrate(self) -> None:
+        """Bring a database written by older software up to this schema (columns are only ever added)."""
+        segments = self.db.db["segments"]
+        if "recipients" not in segments.columns_dict:
+            # The key ids a segment's file is encrypted to, fixed when it is opened (JSON list). NULL in
+            # rows opened before this column existed: their records then name the recipients in force.
+            with self.db.transaction():
+                segments.add_column("recipients", str)
 
     # --- identity ---------------------------------------------------------------------------------
 
@@ -228,15 +256,35 @@ class EvidenceStore:
         writer = SegmentWriter(path, self.recipients, self.fs, min_free_bytes=self.reserve_bytes)
         self.fs.sync_dir(self.segments_dir)
         now = self.clock.wall_us()
+        # The row keeps the recipients the file is encrypted to, so a close by recovery after a recipients
+        # change still records the set this file was really written for (C11, S5b, S6).
+        key_ids = json.dumps([r.key_id for r in self.recipients])
         with self.db.transaction() as conn:
             conn.execute(
-                "INSERT INTO segments (segment_id, session_id, idx, file, state, opened_wall_us, updated_wall_us)"
-                " VALUES (?,?,?,?,?,?,?)", (segment_id, session_id, index, path.name, S.OPEN, now, now))
+                "INSERT INTO segments (segment_id, session_id, idx, file, state, opened_wall_us, updated_wall_us,"
+                " recipients) VALUES (?,?,?,?,?,?,?,?)",
+                (segment_id, session_id, index, path.name, S.OPEN, now, now, key_ids))
         return OpenSegment(self, segment_id, session_id, index, writer)
+
+    def _row_recipients(self, row: dict[str, Any]) -> list[str]:
+        """Key ids of the recipients a segment's file was opened for; the set in force now if the row
+        predates the `recipients` column or was made by recovery from a bare `.part` file."""
+        stored = row.get("recipients")
+        if stored:
+            try:
+                key_ids = json.loads(stored)
+            except ValueError:
+                key_ids = None
+            if isinstance(key_ids, list) and key_ids and all(isinstance(k, str) for k in key_ids):
+                return key_ids
+            log.error("segment %s: unreadable recipients column %r; recording the recipients in force",
+                      row["segment_id"], stored)
+        return [r.key_id for r in self.recipients]
 
     def _segment_body(self, row: dict[str, Any], *, file: str, size: int, sha256_cipher: str, chunks: int,
                       complete_size: int, sha256_complete: str, truncated: bool, recovered: bool,
-                      plain_size: int | None, sha256_plain: str | None) -> dict[str, Any]:
+                      plain_size: int | None, sha256_plain: str | None,
+                      sidecars: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "segment_id": row["segment_id"], "session_id": row["session_id"], "index": row["idx"] or 0,
             "file": file, "size": size, "sha256_cipher": sha256_cipher, "plain_size": plain_size,
@@ -244,7 +292,8 @@ class EvidenceStore:
             "sha256_complete": sha256_complete, "fragments": row["fragments"] or 0,
             "first_pts_us": row["first_pts_us"], "last_pts_us": row["last_pts_us"],
             "video_frames": row["video_frames"] or 0, "audio_samples": row["audio_samples"] or 0,
-            "recipients": [r.key_id for r in self.recipients], "truncated": truncated, "recovered": recovered,
+            "recipients": self._row_recipients(row), "truncated": truncated, "recovered": recovered,
+            "sidecars": sidecars,
         }
 
     def _commit_segment_record(self, segment_id: str, body: dict[str, Any]) -> SignedRecord:
@@ -314,7 +363,10 @@ class EvidenceStore:
                                               "bureau_key_id": receipt.fields["bureau_key_id"]}, also=also)
 
     def purge(self, segment_id: str, reason: str = "space_needed") -> SignedRecord:
-        """Remove a receipted segment's file. The only deletion the device can make; logged as a record."""
+        """Remove a receipted segment's file. The only deletion the device can make; logged as a record.
+
+        The segment's sidecars stay (docs/FORMAT.md §12): the receipt covers the segment file only, and the
+        sync path does not upload sidecars, so the bureau may not hold them."""
         row = self.row(segment_id)
         receipts = self.db.query("SELECT receipt_sha256 FROM receipts WHERE segment_id=?", (segment_id,))
         if row["state"] != S.RECEIPTED or not receipts:
@@ -458,14 +510,45 @@ class EvidenceStore:
 
     def _recover_sidecars(self, segment_id: str) -> list[dict[str, Any]]:
         """The finished sidecar files of a segment being recovered (a `.part` sidecar is left to the stray
-        pass: nothing vouches that it was written whole)."""
+        pass: nothing vouches that it was written whole). The same entries a normal close with those
+        sidecars writes (`OpenSegment.close`), in the same order."""
         found = []
         for kind in SIDECAR_TAGS:
             path = self.segments_dir / sidecar_file_name(segment_id, kind)
             if path.is_file() and not path.is_symlink():
-                found.append({"kind": kind, "file": path.name, "size": path.stat().st_size,
-                              "sha256_cipher": _hash_file(path)})
+                found.append(_sidecar_entry(kind, path))
         return found
+
+    def _checked_sidecars(self, segment_id: str, sidecars: Iterable[Sidecar | dict[str, Any]]) -> list[dict[str, Any]]:
+        """The segment record's `sidecars` for files a caller wrote (docs/FORMAT.md §10.5), each checked
+        against the file on disk. Raises SidecarError naming the first problem; touches nothing."""
+        entries: list[dict[str, Any]] = []
+        for item in sidecars:
+            try:
+                sidecar = item if isinstance(item, Sidecar) else Sidecar.model_validate(item)
+            except ValueError as exc:
+                raise SidecarError(f"segment {segment_id}: not a sidecar entry {item!r}: {exc}") from None
+            expected = sidecar_file_name(segment_id, sidecar.kind)
+            if sidecar.file != expected:
+                raise SidecarError(f"segment {segment_id}: {sidecar.kind} sidecar must be named {expected!r}, "
+                                   f"not {sidecar.file!r}")
+            if any(e["kind"] == sidecar.kind for e in entries):
+                raise SidecarError(f"segment {segment_id}: more than one {sidecar.kind} sidecar")
+            path = self.segments_dir / sidecar.file
+            if path.is_symlink() or not path.is_file():
+                raise SidecarError(f"segment {segment_id}: sidecar {sidecar.file} is not a regular file in "
+                                   f"{self.segments_dir} (it must be written before the close)")
+            try:
+                found = _sidecar_entry(sidecar.kind, path)
+            except OSError as exc:
+                raise SidecarError(f"segment {segment_id}: sidecar {sidecar.file} unreadable: {exc}") from None
+            if found != sidecar.model_dump():
+                raise SidecarError(f"segment {segment_id}: sidecar {sidecar.file} on disk is {found['size']} bytes, "
+                                   f"SHA-256 {found['sha256_cipher']}, not the {sidecar.size} bytes, "
+                                   f"{sidecar.sha256_cipher} given")
+            entries.append(found)
+        order = list(SIDECAR_TAGS)
+        return sorted(entries, key=lambda e: order.index(e["kind"]))
 
     def _recover_row(self, row: dict[str, Any]) -> list[SignedRecord]:
         final = self.segments_dir / row["file"]
@@ -490,8 +573,8 @@ class EvidenceStore:
             complete_size=survey["size"] if complete else survey["complete_size"],
             sha256_complete=survey["sha256_cipher"] if complete else survey["sha256_complete"],
             truncated=not complete, recovered=True,
-            plain_size=row["plain_size"] if complete else None, sha256_plain=row["sha256_plain"] if complete else None)
-        body["sidecars"] = self._recover_sidecars(row["segment_id"])
+            plain_size=row["plain_size"] if complete else None, sha256_plain=row["sha256_plain"] if complete else None,
+            sidecars=self._recover_sidecars(row["segment_id"]))
         record = self._commit_segment_record(row["segment_id"], body)
         note = self.ledger.append("recovery", {
             "segment_id": row["segment_id"], "action": "closed_complete" if complete else "closed_truncated",
@@ -535,8 +618,15 @@ class OpenSegment:
                                                   f"could not be updated ({exc})")
             raise self.writer.failed from exc
 
-    def close(self, closing: bytes = b"") -> SignedRecord:
-        """Finish the file and append its signed segment record; the segment is CLOSED on return."""
+    def close(self, closing: bytes = b"", sidecars: Iterable[Sidecar | dict[str, Any]] = ()) -> SignedRecord:
+        """Finish the file and append its signed segment record; the segment is CLOSED on return.
+
+        `sidecars`: entries (`records.Sidecar` or its dict) for sidecar files of this segment, at most one
+        per kind, named `<segment_id>.<tag>.age` and already written, fsynced and renamed in `segments/`
+        (docs/FORMAT.md §10.5). Each is checked against its file first; a bad one raises SidecarError before
+        anything of the close has happened, so the caller may close again without it.
+        """
+        checked = self.store._checked_sidecars(self.segment_id, sidecars)
         t = self.writer.totals
         # The final plaintext hash must be known before the rename, so recovery can finish a close
         # interrupted between the rename and the record.
@@ -549,7 +639,7 @@ class OpenSegment:
             self.store.row(self.segment_id), file=self.writer.final_path.name, size=t.cipher_size,
             sha256_cipher=t.sha256_cipher, chunks=t.chunks, complete_size=t.cipher_size,
             sha256_complete=t.sha256_cipher, truncated=False, recovered=False, plain_size=t.plain_size,
-            sha256_plain=t.sha256_plain))
+            sha256_plain=t.sha256_plain, sidecars=checked))
 
     def abort(self, reason: str) -> list[SignedRecord]:
         """After a write failure: keep what reached the disk and close it as truncated now.
