@@ -95,7 +95,7 @@ def test_frame_is_compact_json_type_first_then_crc32_of_the_json_bytes():
 
 
 def test_every_example_frame_in_the_protocol_doc_decodes():
-    doc = (REPO / "docs" / "PROTOCOL-dock.md").read_text()
+    doc = (REPO / "docs" / "PROTOCOL.md").read_text()
     examples = [line.encode() + b"\n" for line in doc.splitlines() if line.startswith('{"t":"')]
     decoder = FrameDecoder()
     messages = decoder.feed(b"".join(examples))

@@ -122,7 +122,8 @@ class Ledger:
 
     def head(self) -> tuple[int, str]:
         """(seq, hash) of the last record, or (0, GENESIS_PREV) for an empty ledger."""
-        row = self.db.conn.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
+        with self.db.lock:  # never read another thread's uncommitted append on the shared connection
+            row = self.db.conn.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
         return (row[0], row[1]) if row else (0, GENESIS_PREV)
 
     def append(self, rtype: str, body: dict[str, Any], also: AlsoInTransaction | None = None) -> SignedRecord:

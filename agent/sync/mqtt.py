@@ -7,8 +7,9 @@ Topics (docs/PROTOCOL.md, "MQTT"):
   cmd/req/<name>    commands from the bureau (MQTT 5 request/response: Response Topic + Correlation Data,
                     Message Expiry): sync_now, assign_officer, set_session_context, push_config
   cmd/resp          the answers: {"ok": bool, "error"?: str, ...} with the request's correlation data
-  ack               receipt hints (the HTTPS receipt fetch stays authoritative)
+  ack               receipt hints (the HTTPS receipt fetch stays authoritative); passed to `on_ack`
   config/desired    config pushed by the bureau; config/reported: what the device runs
+Message bodies and the device's periodic publishing: agent/sync/telemetry.py.
 
 Threads: paho's network loop thread runs the callbacks; each callback is wrapped so an exception is logged
 and never kills the loop. Outgoing messages go to a persisted outbox (SQLite, separate from the ledger),
@@ -24,6 +25,7 @@ import sqlite3
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 TOPIC_ROOT = "bwc/v1/dev"
 MAX_COMMAND_BYTES = 64 * 1024
+ANSWERED_MEMORY = 256  # answers kept by correlation data, to answer a redelivered request without re-running it
 COMMANDS = ("sync_now", "assign_officer", "set_session_context", "push_config")
 
 
@@ -95,6 +98,34 @@ class Outbox:
         with self.lock:
             return self.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
 
+    def put_batch(self, rows: list[tuple[str, bytes, int, bool]], cursor: tuple[str, int] | None = None) -> None:
+        """Queue `rows` (topic, payload, qos, retain) and set the named `cursor` in one transaction: after a
+        crash either all of them and the cursor are stored, or none. Never drops rows (callers keep the
+        outbox below `max_rows` themselves)."""
+        with self.lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                self.conn.executemany("INSERT INTO outbox (topic, payload, qos, retain, created) VALUES (?,?,?,?,?)",
+                                      [(t, p, q, int(r), time.time()) for t, p, q, r in rows])
+                if cursor is not None:
+                    self._ensure_cursors()
+                    self.conn.execute("INSERT INTO cursors (name, value) VALUES (?, ?) ON CONFLICT(name) "
+                                      "DO UPDATE SET value=excluded.value", cursor)
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+
+    def cursor(self, name: str) -> int | None:
+        """The value last stored with put_batch(cursor=(name, value)), or None."""
+        with self.lock:
+            self._ensure_cursors()
+            row = self.conn.execute("SELECT value FROM cursors WHERE name=?", (name,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def _ensure_cursors(self) -> None:
+        self.conn.execute("CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+
     def close(self) -> None:
         with self.lock:
             self.conn.close()
@@ -124,16 +155,28 @@ def parse_command(name: str, payload: bytes) -> Command:
 
 
 class MqttLink:
+    """`session_expiry_s` > 0 keeps the broker session (subscriptions, queued QoS 1 commands) that long
+    across a network cut, so a command sent meanwhile arrives on reconnect unless its Message Expiry ran out.
+    Hooks (set before start; run on paho's thread, guarded): `status_fields()` adds members to the retained
+    online status sent on every (re)connect; `on_ack(payload)` receives `ack` messages;
+    `on_connected()` runs after each (re)connect."""
+
     def __init__(self, device_id: str, host: str, port: int, outbox: Outbox, ssl_context: ssl.SSLContext | None,
-                 handler: CommandHandler, keepalive: int = 30):
+                 handler: CommandHandler, keepalive: int = 30, session_expiry_s: int = 0):
         self.device_id = device_id
+        self.session_expiry_s = session_expiry_s
+        self.status_fields: Callable[[], dict[str, Any]] | None = None
+        self.on_ack: Callable[[bytes], None] | None = None
+        self.on_connected: Callable[[], None] | None = None
         self.host, self.port = host, port
         self.outbox = outbox
         self.handler = handler
         self.connected = threading.Event()
         self.rejected_commands = 0
         self.callback_errors = 0
-        self._inflight: dict[int, int] = {}  # paho mid -> outbox row id
+        self.duplicate_commands = 0
+        self._answered: OrderedDict[tuple[str, bytes], dict[str, Any]] = OrderedDict()  # paho thread only
+        self._inflight: dict[int, tuple[int, mqtt.MQTTMessageInfo]] = {}  # paho mid -> (outbox row id, info)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -141,8 +184,8 @@ class MqttLink:
                                   protocol=mqtt.MQTTv5)
         if ssl_context is not None:
             self.client.tls_set_context(ssl_context)
-        self.client.will_set(self.topic("status"), json.dumps({"state": "offline", "reason": "connection lost"}),
-                             qos=1, retain=True)
+        self.client.will_set(self.topic("status"), json.dumps({"v": 1, "state": "offline", "device": device_id,
+                                                               "reason": "connection lost"}), qos=1, retain=True)
         self.client.reconnect_delay_set(1, 30)
         self.client.on_connect = self._guard(self._on_connect)
         self.client.on_disconnect = self._guard(self._on_disconnect)
@@ -167,23 +210,40 @@ class MqttLink:
     # --- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
+        props = None
+        if self.session_expiry_s > 0:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.session_expiry_s
+        self.client.connect_async(self.host, self.port, keepalive=self.keepalive,
+                                  clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY, properties=props)
         self.client.loop_start()
         self._sender.start()
 
-    def stop(self) -> None:
+    def stop(self, drain_s: float = 2.0) -> None:
+        """Stop sending, wait up to `drain_s` for the broker to acknowledge what is in flight (so a clean
+        stop does not send those again at the next start), publish the offline status and disconnect.
+        Unsent and unacknowledged rows stay in the outbox."""
         self._stop.set()
         self._wake.set()
+        if self._sender.is_alive():
+            self._sender.join(5)
+        deadline = time.monotonic() + drain_s
+        while self.connected.is_set() and time.monotonic() < deadline:
+            self._reap_acknowledged()
+            with self._lock:
+                if not self._inflight:
+                    break
+            time.sleep(0.02)
         if self.connected.is_set():
-            info = self.client.publish(self.topic("status"), json.dumps({"state": "offline", "reason": "shutdown"}),
-                                       qos=1, retain=True)
+            info = self.client.publish(self.topic("status"), json.dumps({"v": 1, "state": "offline",
+                                                                         "device": self.device_id,
+                                                                         "reason": "shutdown"}), qos=1, retain=True)
             try:
                 info.wait_for_publish(2)
             except (RuntimeError, ValueError) as exc:  # the link died under us: the will says offline anyway
                 log.info("final status not sent: %s", exc)
         self.client.disconnect()
         self.client.loop_stop()
-        self._sender.join(5)
 
     # --- outgoing ---------------------------------------------------------------------------------
 
@@ -192,14 +252,31 @@ class MqttLink:
         self.outbox.put(self.topic(leaf), json.dumps(message, separators=(",", ":")).encode(), qos, retain)
         self._wake.set()
 
+    def publish_batch(self, messages: list[tuple[str, dict[str, Any]]], cursor: tuple[str, int] | None = None,
+                      qos: int = 1) -> None:
+        """Queue (leaf, message) pairs and a cursor atomically (Outbox.put_batch)."""
+        rows = [(self.topic(leaf), json.dumps(m, separators=(",", ":")).encode(), qos, False) for leaf, m in messages]
+        self.outbox.put_batch(rows, cursor)
+        self._wake.set()
+
+    def publish_now(self, leaf: str, message: dict[str, Any], retain: bool = False, qos: int = 1) -> bool:
+        """Send a latest-value message (status, telemetry) now if the link is up; not persisted: a sample
+        that could not be sent is replaced by the next one. Returns False when not sent."""
+        if not self.connected.is_set():
+            return False
+        info = self.client.publish(self.topic(leaf), json.dumps(message, separators=(",", ":")), qos=qos,
+                                   retain=retain)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
     def _send_loop(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(1.0)
             self._wake.clear()
             if not self.connected.is_set():
                 continue
+            self._reap_acknowledged()
             with self._lock:
-                busy = set(self._inflight.values())
+                busy = {row_id for row_id, _info in self._inflight.values()}
             for row_id, topic, payload, qos, retain in self.outbox.pending():
                 if row_id in busy or not self.connected.is_set():
                     continue
@@ -210,7 +287,16 @@ class MqttLink:
                     self.outbox.done(row_id)
                 else:
                     with self._lock:
-                        self._inflight[info.mid] = row_id
+                        self._inflight[info.mid] = (row_id, info)
+
+    def _reap_acknowledged(self) -> None:
+        """Mark done the rows whose PUBACK arrived before the sender had registered their mid (then
+        _on_publish found nothing to mark); without this they would be sent a second time."""
+        with self._lock:
+            acked = [mid for mid, (_row, info) in self._inflight.items() if info.is_published()]
+            rows = [self._inflight.pop(mid)[0] for mid in acked]
+        for row_id in rows:
+            self.outbox.done(row_id)
 
     # --- callbacks (paho thread) ------------------------------------------------------------------
 
@@ -220,11 +306,19 @@ class MqttLink:
             return
         with self._lock:
             self._inflight.clear()  # unacknowledged rows are still in the outbox and go again
-        client.subscribe([(self.topic("cmd/req/+"), 1), (self.topic("config/desired"), 1)])
-        client.publish(self.topic("status"), json.dumps({"state": "online", "device": self.device_id}), qos=1,
-                       retain=True)
+        client.subscribe([(self.topic("cmd/req/+"), 1), (self.topic("config/desired"), 1), (self.topic("ack"), 1)])
+        status: dict[str, Any] = {"v": 1, "state": "online", "device": self.device_id}
+        if self.status_fields is not None:
+            try:
+                status = {**self.status_fields(), **status}
+            except Exception:
+                self.callback_errors += 1
+                log.exception("status_fields failed; sending the plain online status")
+        client.publish(self.topic("status"), json.dumps(status, separators=(",", ":")), qos=1, retain=True)
         self.connected.set()
         self._wake.set()
+        if self.on_connected is not None:
+            self.on_connected()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
@@ -233,15 +327,25 @@ class MqttLink:
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:
-            row_id = self._inflight.pop(mid, None)
+            entry = self._inflight.pop(mid, None)
+        row_id = entry[0] if entry is not None else None
         if row_id is not None and not reason_code.is_failure:
             self.outbox.done(row_id)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         prefix = self.topic("cmd/req/")
+        if msg.topic == self.topic("ack"):
+            if self.on_ack is not None:
+                self.on_ack(msg.payload)
+            return
         if msg.topic == self.topic("config/desired"):
+            if not msg.payload:
+                return  # the bureau cleared its retained desired config: nothing to apply
             name = "push_config"
-            payload = json.dumps({"config": _json_or_none(msg.payload)}).encode()
+            desired = _json_or_none(msg.payload)
+            if not (isinstance(desired, dict) and "config" in desired):
+                desired = {"config": desired}  # a bare config document
+            payload = json.dumps(desired).encode()
         elif msg.topic.startswith(prefix):
             name, payload = msg.topic[len(prefix):], msg.payload
         else:
@@ -250,18 +354,18 @@ class MqttLink:
         props = getattr(msg, "properties", None)
         response_topic = getattr(props, "ResponseTopic", None)
         correlation = getattr(props, "CorrelationData", None)
-        try:
-            command = parse_command(name, payload)
-            result = self.handler(command) or {}
-            answer = {"ok": True, "command": name, **result}
-        except CommandError as exc:
-            self.rejected_commands += 1
-            log.warning("command %s rejected: %s", name, exc)
-            answer = {"ok": False, "command": name, "error": str(exc)}
-        except Exception as exc:  # a handler bug: answer it, log it, keep the link
-            self.callback_errors += 1
-            log.exception("command %s failed", name)
-            answer = {"ok": False, "command": name, "error": f"internal error: {exc.__class__.__name__}"}
+        key = (name, bytes(correlation)) if correlation else None
+        if key is not None and key in self._answered:
+            # QoS 1 is at-least-once: a request redelivered after a cut is answered again, not run again
+            self.duplicate_commands += 1
+            log.info("command %s redelivered (same correlation data); repeating the answer", name)
+            answer = self._answered[key]
+        else:
+            answer = self._run_command(name, payload)
+            if key is not None:
+                self._answered[key] = answer
+                while len(self._answered) > ANSWERED_MEMORY:
+                    self._answered.popitem(last=False)
         if response_topic is None:
             return
         if response_topic != self.topic("cmd/resp"):
@@ -271,6 +375,21 @@ class MqttLink:
             out.CorrelationData = correlation
         out.MessageExpiryInterval = 60
         client.publish(self.topic("cmd/resp"), json.dumps(answer), qos=1, properties=out)
+
+
+    def _run_command(self, name: str, payload: bytes) -> dict[str, Any]:
+        try:
+            command = parse_command(name, payload)
+            result = self.handler(command) or {}
+            return {"ok": True, "command": name, **result}
+        except CommandError as exc:
+            self.rejected_commands += 1
+            log.warning("command %s rejected: %s", name, exc)
+            return {"ok": False, "command": name, "error": str(exc)}
+        except Exception as exc:  # a handler bug: answer it, log it, keep the link
+            self.callback_errors += 1
+            log.exception("command %s failed", name)
+            return {"ok": False, "command": name, "error": f"internal error: {exc.__class__.__name__}"}
 
 
 def _json_or_none(payload: bytes) -> Any:
