@@ -77,6 +77,25 @@ def _simulated(folder: Path):
     return sim
 
 
+def pushed_config(cfg):
+    """A config the bureau pushed (kept in the data directory) replaces the file's at start, if valid."""
+    from agent.config import ConfigError, parse_config
+    from agent.daemon import PUSHED_CONFIG
+
+    path = cfg.device.data_dir / PUSHED_CONFIG
+    if not path.exists():
+        return cfg
+    try:
+        pushed = parse_config(json.loads(path.read_text())["config"], str(path))
+    except (OSError, ValueError, KeyError, ConfigError) as exc:
+        logging.getLogger(__name__).error("ignoring pushed config %s: %s", path, exc)
+        return cfg
+    if pushed.device.id != cfg.device.id:
+        logging.getLogger(__name__).error("ignoring pushed config %s: it is for %s", path, pushed.device.id)
+        return cfg
+    return pushed
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import signal
     import tempfile
@@ -87,6 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.storage.keys import IdentityKeyError
 
     cfg = _config(args)
+    cfg = pushed_config(cfg)
     sim = _simulated(Path(tempfile.mkdtemp(prefix="bwc-sim-"))) if args.simulate else None
     try:
         creds = load_credentials(cfg)

@@ -131,6 +131,7 @@ class SyncConfig(_Section):
     bureau_url: str | None = Field(None, pattern=r"^https://", description="bureau HTTPS base URL")
     mqtt_host: str | None = None
     mqtt_port: int = Field(8883, ge=1, le=65535)
+    telemetry_period_s: float = Field(30.0, ge=2.0, le=600.0, description="MQTT telemetry and event cadence")
     dock_port: str | None = Field(None, description="dock serial line, e.g. /dev/bwc-dock")
     gps_port: str | None = Field(None, description="GPS serial line, e.g. /dev/bwc-gps")
     day_end_local: str = Field("23:59", pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="R20 same-day deadline")

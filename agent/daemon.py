@@ -60,6 +60,7 @@ from agent.voice_prompts.playback import PlaybackResult, PromptPlayer, SpeakerAc
 
 log = logging.getLogger(__name__)
 S = SegmentState
+PUSHED_CONFIG = "config-pushed.json"  # a config pushed by the bureau, applied at the next start
 
 
 @dataclass
@@ -222,6 +223,7 @@ class DeviceStatus:
     state: str
     session_id: str | None
     battery_percent: int | None
+    temperature_c: float | None
     storage: dict[str, Any]
     queue: dict[str, int]
     last_sync: dict[str, Any] | None
@@ -250,10 +252,12 @@ class Device:
         self.store: EvidenceStore | None = None
         self.alarms: list[str] = []
         self.battery: int | None = None
+        self.temperature_c: float | None = None
         self.last_sync: dict[str, Any] | None = None
         self.sync_progress: dict[str, Any] = {}
         self._stop = threading.Event()
         self._sync_thread: threading.Thread | None = None
+        self.mqtt = self.telemetry = None
         self._docked = threading.Event()
         self._deadline_alarmed: set[str] = set()
         self.components: list[Any] = []
@@ -318,6 +322,7 @@ class Device:
         self.runner.start()
         self.machine.on_boot()
         self._start_dock()
+        self._start_mqtt()
         self.notifier.ready(f"recording ready ({cfg.device.id})")
 
     def _start_dock(self) -> None:
@@ -329,6 +334,69 @@ class Device:
 
         self.dock = DockLink(port, self.cfg.device.id, on_docked=self._on_docked, on_undocked=self._on_undocked)
         self.dock.start()
+
+    def _start_mqtt(self) -> None:
+        """The MQTT link (status, telemetry, event summaries, bureau commands), if a broker is configured."""
+        self.mqtt = self.telemetry = None
+        cfg, c = self.cfg, self.creds
+        if not cfg.sync.mqtt_host:
+            return
+        from agent.sync.https import client_ssl_context
+        from agent.sync.mqtt import MqttLink, Outbox
+        from agent.sync.telemetry import (
+            CommandRouter,
+            DeviceTelemetry,
+            RunningConfig,
+            SessionContextValue,
+            StoreLedgerReader,
+        )
+
+        def context() -> SessionContextValue:
+            stage = self.machine.stage
+            return SessionContextValue(self.machine.officer_id, stage.category if stage else None,
+                                       stage.code if stage else None)
+
+        self.running_config = RunningConfig(cfg)
+        router = CommandRouter(cfg.device.id, sync_now=self.sync_now, set_context=self.runner.post,
+                               current_context=context, apply_config=self.apply_pushed_config,
+                               running_config=self.running_config,
+                               on_receipt_hint=lambda hint: self.sync_now("receipt hint"))
+        ctx = client_ssl_context(c.ca_file, c.cert_file, c.key_file) if c.ca_file else None
+        self.mqtt = MqttLink(cfg.device.id, cfg.sync.mqtt_host, cfg.sync.mqtt_port,
+                             Outbox(self.store.data_dir / "mqtt-outbox.db"), ctx, router, session_expiry_s=3600)
+        router.attach(self.mqtt)
+        self.telemetry = DeviceTelemetry(self.mqtt, lambda: self.status().as_dict(),
+                                         StoreLedgerReader(self.store.ledger), self.clock,
+                                         running_config=self.running_config, software=f"bwc-agent {__version__}",
+                                         period_s=cfg.sync.telemetry_period_s)
+        self.mqtt.start()
+        self.telemetry.start()
+
+    def sync_now(self, reason: str | None) -> dict[str, Any]:
+        """A bureau command or a receipt hint: sync now if docked (the dock is where uploads happen)."""
+        if not self._docked.is_set():
+            return {"started": False, "reason": "not docked"}
+        if self._sync_thread is not None and self._sync_thread.is_alive():
+            return {"started": False, "reason": "sync already running"}
+        self._sync_thread = threading.Thread(target=self._sync_loop, name="sync", daemon=True)
+        self._sync_thread.start()
+        return {"started": True}
+
+    def apply_pushed_config(self, config: AgentConfig, version: int | str | None) -> dict[str, Any]:
+        """Keep a pushed config in the data directory (/etc is read-only to the agent); it takes effect at
+        the next start, and the change is a ledger record now."""
+        from agent.sync.telemetry import config_fingerprint
+
+        path = self.store.data_dir / PUSHED_CONFIG
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"version": version, "config": config.model_dump(mode="json")}, indent=1))
+        os.replace(tmp, path)
+        old, new = self.cfg.model_dump(mode="json"), config.model_dump(mode="json")
+        changed = sorted(f"{section}.{key}" for section in new for key in new[section]
+                         if old.get(section, {}).get(key) != new[section][key])
+        self.store.ledger.append("config_change", {"sha256": config_fingerprint(config), "changed_keys": changed,
+                                                   "source": "bureau"})
+        return {"applies": "at_restart", "changed_keys": changed}
 
     # --- callbacks (other threads: post or set flags only) ----------------------------------------
 
@@ -343,14 +411,14 @@ class Device:
     def _health_event(self, event: ev.Event) -> None:
         if isinstance(event, ev.BatteryReading):
             self.battery = event.percent
+        elif isinstance(event, ev.ThermalReading):
+            self.temperature_c = event.celsius
         self.runner.post(event)
 
     def _on_docked(self, session: Any) -> None:
         self._docked.set()
         self.runner.post(ev.Docked(getattr(session, "dock_id", None)))
-        if self._sync_thread is None or not self._sync_thread.is_alive():
-            self._sync_thread = threading.Thread(target=self._sync_loop, name="sync", daemon=True)
-            self._sync_thread.start()
+        self.sync_now("docked")
 
     def _on_undocked(self, reason: str) -> None:
         self._docked.clear()
@@ -439,7 +507,8 @@ class Device:
         for row in st.segments():
             counts[row["state"]] = counts.get(row["state"], 0) + 1
         return DeviceStatus(state=m.state.value, session_id=m.session.session_id if m.session else None,
-                            battery_percent=self.battery, storage=st.space(self.cfg.recording.bitrate_bps).as_dict(),
+                            battery_percent=self.battery, temperature_c=self.temperature_c,
+                            storage=st.space(self.cfg.recording.bitrate_bps).as_dict(),
                             queue=counts, last_sync=self.last_sync, clock=self.clock.status(), alarms=list(self.alarms),
                             docked=self._docked.is_set(), upload=dict(self.sync_progress))
 
@@ -472,6 +541,11 @@ class Device:
         """Finish cleanly: the open segment is closed and signed before the process ends."""
         self.notifier.stopping()
         self._stop.set()
+        for closer in (lambda: self.telemetry and self.telemetry.stop(), lambda: self.mqtt and self.mqtt.stop()):
+            try:
+                closer()
+            except Exception:
+                log.exception("error while stopping MQTT")
         for closer in (lambda: self.controls.close(), lambda: self.health.stop(),
                        lambda: self.dock and self.dock.stop(), lambda: self.camera.stop(),
                        lambda: self.mic and self.mic.stop()):
