@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+SEND_BLOCK = 256 * 1024
+
 
 class LinkError(RuntimeError):
     """The connection failed (refused, reset, timed out); the request may be retried."""
@@ -42,10 +44,11 @@ class HttpsSession:
         if self._conn is None or self._key != key:
             self.close()
             if parts.scheme == "https":
+                # 256 KiB send blocks: http.client's default 8 KiB costs ~27 % more CPU per GB (bench_sync).
                 conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                    parts.netloc, timeout=self.timeout_s, context=self.ssl_context)
+                    parts.netloc, timeout=self.timeout_s, context=self.ssl_context, blocksize=SEND_BLOCK)
             elif parts.scheme == "http":
-                conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout_s)
+                conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout_s, blocksize=SEND_BLOCK)
             else:
                 raise LinkError(f"unsupported URL scheme in {url!r}")
             try:
