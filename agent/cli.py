@@ -101,8 +101,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     import tempfile
 
     from agent.clock import SystemClock
+    from agent.config import ConfigError
     from agent.daemon import Device, Hardware, load_credentials
     from agent.sdnotify import Notifier
+    from agent.storage.db import DatabaseError
     from agent.storage.keys import IdentityKeyError
 
     cfg = _config(args)
@@ -117,7 +119,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                     notifier=Notifier())
     signal.signal(signal.SIGTERM, lambda *_: device.request_stop())
     signal.signal(signal.SIGINT, lambda *_: device.request_stop())
-    device.start()
+    try:
+        device.start()
+    except (DatabaseError, IdentityKeyError, ConfigError) as exc:
+        print(f"bwc-agent run: cannot start: {exc}", file=sys.stderr)
+        return 2
     try:
         device.run_forever()
     finally:
@@ -145,9 +151,10 @@ def cmd_provision(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.status import collect, render
 
-    data_dir = args.data_dir or _config(args).device.data_dir
+    cfg = None if args.data_dir else _config(args)
+    data_dir = args.data_dir or cfg.device.data_dir
     try:
-        status = collect(Path(data_dir))
+        status = collect(Path(data_dir), cfg.recording.bitrate_bps if cfg else 8_000_000)
     except (OSError, sqlite3.DatabaseError) as exc:
         print(f"bwc-agent status: {exc}", file=sys.stderr)
         return 2

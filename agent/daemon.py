@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import __version__
 from agent import events as ev
-from agent.capture.audio_pyaudio import AudioSettings, PyAudioSource
+from agent.capture.audio_pyaudio import AudioSettings, PyAudioSource, load_pyaudio
 from agent.capture.camera_picamera2 import CameraSettings, Picamera2VideoSource
 from agent.capture.lens import LensCoverDetector, LensCoverSettings
 from agent.capture.osd import OsdOverlay
@@ -274,6 +274,8 @@ class Device:
                                      "previous_shutdown": previous})
         self.space = StoreSpace(store, cfg.recording.bitrate_bps)
 
+        if hw.pyaudio is None and cfg.hardware.audio == "pyaudio":
+            hw.pyaudio = load_pyaudio()  # on the device: the real PortAudio binding
         activity = SpeakerActivity()
         speaker = hw.speaker if hw.speaker is not None else hw.pyaudio
         self.player = PromptPlayer(speaker, PromptLibrary(), cfg.device.language, clock.mono_us,
@@ -281,13 +283,23 @@ class Device:
         self.announcer = DeviceAnnouncer(self.player, hw.haptics)
         self.machine = SessionMachine(cfg, store.ledger, clock, recorder=None, announcer=self.announcer,
                                       power=self, space=self.space, meta=store.db)
+        self.machine.on_closed = self._session_closed
         self.runner = SessionRunner(self.machine)
         post = self.runner.post
 
         self.osd = OsdOverlay(clock, cfg.device.id, officer_id=cfg.device.officer_id)
         self.lens = LensCoverDetector(post, LensCoverSettings(covered_after_s=cfg.lens.covered_s))
-        self.camera = Picamera2VideoSource(None, clock=clock, settings=self.camera_settings, osd=self.osd,
-                                           lens=self.lens, on_event=post, picamera2_module=hw.picamera2)
+        if cfg.hardware.camera == "opencv" and hw.picamera2 is None:
+            import cv2
+
+            from agent.capture.camera_opencv import OpenCVVideoSource
+
+            self.camera = OpenCVVideoSource(None, clock=clock, settings=self.camera_settings, osd=self.osd,
+                                            lens=self.lens, on_event=post,
+                                            capture_factory=lambda: cv2.VideoCapture(cfg.hardware.opencv_device))
+        else:
+            self.camera = Picamera2VideoSource(None, clock=clock, settings=self.camera_settings, osd=self.osd,
+                                               lens=self.lens, on_event=post, picamera2_module=hw.picamera2)
         vad = VadConfig(sample_rate=self.audio_settings.sample_rate)
         self.listener = StatementListener(StatementDetector(vad, activity=activity), self._speech, clock.mono_us)
         self.mic = PyAudioSource(None, clock=clock, settings=self.audio_settings, on_event=post,
@@ -400,6 +412,11 @@ class Device:
 
     # --- callbacks (other threads: post or set flags only) ----------------------------------------
 
+    def _session_closed(self, session_id: str, mandatory: bool, report: Any) -> None:
+        """Upload priority (DESIGN.md "Upload order"): mandatory-stage sessions and sessions with findings."""
+        if mandatory or not report.compliant:
+            self.store.set_flagged(session_id)
+
     def _prompt_finished(self, result: PlaybackResult) -> None:
         self.runner.post(ev.PromptFinished(result.prompt_id, result.ended_us))
 
@@ -430,6 +447,13 @@ class Device:
         self._stop.set()
         if self.hw.power_off is not None:
             self.hw.power_off()
+            return
+        import subprocess
+
+        try:  # firmware_hooks/critical-battery-poweroff by default; the segment is already signed
+            subprocess.run(self.cfg.hardware.power_off_command, check=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.error("power-off command %s failed: %s", self.cfg.hardware.power_off_command, exc)
 
     # --- sync (sync thread) -----------------------------------------------------------------------
 

@@ -122,6 +122,7 @@ class SessionMachine:
         self.officer_id = config.device.officer_id
         self.stage = stage(config.session.category, config.session.stage)
         self.battery_warned: set[int] = set()
+        self.on_closed: Any = None  # called with (session_id, mandatory, compliance report) after a close
         self.hot = False
         self.powered_off = False
 
@@ -214,6 +215,11 @@ class SessionMachine:
                                        "written_explanation_required": explanation_required})
         report = build_report(self.ledger, s.session_id)
         self._record("compliance_report", report.as_record_body())
+        if self.on_closed is not None:
+            try:
+                self.on_closed(s.session_id, bool(s.stage and s.stage.mandatory), report)
+            except Exception:
+                log.exception("session close callback failed")
         self.state = State.READY
         self.session = None
         self.announcer.vibrate("stop")
@@ -324,8 +330,10 @@ class SessionMachine:
         s = self.session
         self._record("fault", {"component": e.component if e.component in _FAULT_COMPONENTS else "other",
                                "code": e.code, "detail": e.detail, "session_id": s.session_id if s else None})
-        if s is None or e.component in ("microphone", "queue"):
-            return  # video keeps recording without sound; a full queue is logged and counted
+        if s is None or e.component not in RECORDING_COMPONENTS:
+            # Video keeps recording without sound, a full queue is counted, a sensor that cannot be read is
+            # a fault to repair: none of these stops the recording, so none is an interruption.
+            return
         if e.component == "storage":
             self._storage_exhausted(e.detail or e.code)
         elif self.state is State.RECORDING:
@@ -471,9 +479,26 @@ class SessionMachine:
 
     # --- boot -------------------------------------------------------------------------------------
 
+    def close_orphaned_sessions(self) -> list[str]:
+        """Sessions a crash or power cut left open are closed now (outcome `recovered`, stop `crash`), with
+        their compliance report: the ledger never shows a session as still running when it is not."""
+        opened: dict[str, None] = {}
+        for rec in self.ledger.records():
+            f = rec.fields
+            if f["type"] == "session_open":
+                opened[f["body"]["session_id"]] = None
+            elif f["type"] == "session_close":
+                opened.pop(f["body"]["session_id"], None)
+        for session_id in opened:
+            self._record("session_close", {"session_id": session_id, "outcome": "recovered", "stop": "crash",
+                                           "written_explanation_required": False})
+            self._record("compliance_report", build_report(self.ledger, session_id).as_record_body())
+        return list(opened)
+
     def on_boot(self) -> None:
-        """After a reboot, tell the officer (and, through the ledger, the bureau) about a session that
-        could not continue and still needs a written explanation (R17)."""
+        """After a reboot: close sessions a crash left open, and tell the officer (and, through the ledger,
+        the bureau) about a session that could not continue and still needs a written explanation (R17)."""
+        self.close_orphaned_sessions()
         if self.meta is None:
             return
         pending = self.meta.get_meta(PENDING_EXPLANATION_KEY)
@@ -484,6 +509,8 @@ class SessionMachine:
             self.meta.set_meta(PENDING_EXPLANATION_KEY, None)  # told once; the alarm record carries it on
 
 
+# Faults of these parts mean footage is not being recorded: they interrupt the session (R17).
+RECORDING_COMPONENTS = ("camera", "encoder", "storage")
 _FAULT_COMPONENTS = {"camera", "encoder", "microphone", "speaker", "storage", "gps", "dock", "battery", "thermal",
                      "clock", "queue", "other"}
 

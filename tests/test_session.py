@@ -383,3 +383,22 @@ def test_every_prompt_the_machine_can_play_has_audio_in_the_catalogue():
             "upload_overdue"]
     for pid in ids:
         prompt(pid)
+
+
+def test_a_session_left_open_by_a_crash_is_closed_at_boot_with_its_report(rig):
+    rig.send(ev.StartPressed(), ev.MarkPressed())
+    sid = rig.bodies("session_open")[0]["session_id"]
+    # power cut: no stop; the next boot's machine finds the session open
+    rig.new_machine().on_boot()
+    close = rig.bodies("session_close")[0]
+    assert (close["session_id"], close["outcome"], close["stop"]) == (sid, "recovered", "crash")
+    assert rig.report()["session_id"] == sid
+    rig.new_machine().on_boot()
+    assert len(rig.bodies("session_close")) == 1  # once
+
+
+def test_sensor_faults_are_logged_without_interrupting(rig):
+    rig.send(ev.StartPressed(), ev.PipelineFault("battery", "fuel_gauge_unreadable"),
+             ev.PipelineFault("thermal", "thermal_unreadable"), ev.PipelineFault("other", "mux_error"))
+    assert rig.machine.state is State.RECORDING and rig.bodies("interruption_start") == []
+    assert [f["code"] for f in rig.bodies("fault")] == ["fuel_gauge_unreadable", "thermal_unreadable", "mux_error"]

@@ -38,8 +38,8 @@ class Pkcs11Signer:
         public = self._find(pkcs11.ObjectClass.PUBLIC_KEY)
         if self._private is None or public is None:
             self._session.close()
-            raise IdentityKeyError(f"PKCS#11 token {token_label!r} has no key pair labelled {key_label!r}; "
-                                   "run `bwc-agent provision --pkcs11 ...` to generate one inside it")
+            raise IdentityKeyError(f"PKCS#11 token {token_label!r} has no key pair labelled {key_label!r}; generate "
+                                   "one inside it with Pkcs11Signer.generate (see docs/OPERATIONS.md, key store)")
         from pkcs11.util.ec import encode_ec_public_key
 
         self._public = serialization.load_der_public_key(encode_ec_public_key(public))
