@@ -19,6 +19,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -152,12 +153,38 @@ def provision(*, bureau_url: str, token: str, device_id: str, data_dir: Path, co
     recipients = [str(r) for r in answer["age_recipients"]]
     recipients_file = keys / "bureau-recipients.txt"
     _write(recipients_file, ("\n".join(recipients) + "\n").encode(), 0o644)
-    mqtt_url = (answer.get("endpoints") or {}).get("mqtt", {}).get("url") if isinstance(answer.get("endpoints"),
-                                                                                        dict) else None
+    endpoints = answer.get("endpoints") if isinstance(answer.get("endpoints"), dict) else {}
+    mqtt = endpoints.get("mqtt") if isinstance(endpoints.get("mqtt"), dict) else {}
+    mqtt_url = mqtt.get("url") if isinstance(mqtt.get("url"), str) else None
+    extra = {name: dict(values) for name, values in (extra_config or {}).items()}
+    if mqtt_url:
+        parts = urlsplit(mqtt_url)
+        if parts.scheme == "mqtts" and parts.hostname:
+            extra.setdefault("sync", {}).setdefault("mqtt_host", parts.hostname)
+            extra["sync"].setdefault("mqtt_port", parts.port or 8883)
     _write(config_file, render_config(device_id, data_dir, key_file, cert_file, pinned_ca, receipt_file,
-                                      recipients, bureau_url, extra_config or {}).encode(), 0o640)
+                                      recipients, bureau_url, extra).encode(), 0o640)
+    _give_to_agent_user(data_dir, keys, config_file)
     return ProvisionResult(device_id, key_file, cert_file, pinned_ca, receipt_file, recipients_file, config_file,
                            recipients, bureau_url, mqtt_url, reused)
+
+
+def _give_to_agent_user(data_dir: Path, keys: Path, config_file: Path, user: str = "bwc") -> None:
+    """Run as root on a device: the agent's user owns its data and keys; the config is root's, group bwc."""
+    if os.geteuid() != 0:
+        return
+    try:
+        import grp
+        import pwd
+
+        uid, gid = pwd.getpwnam(user).pw_uid, grp.getgrnam(user).gr_gid
+    except KeyError:
+        return  # no agent user on this machine (a workstation, a test): leave owners as they are
+    for root, dirs, files in os.walk(data_dir):
+        for name in [*dirs, *files]:
+            os.chown(os.path.join(root, name), uid, gid)
+    os.chown(data_dir, uid, gid)
+    os.chown(config_file, 0, gid)
 
 
 def _toml_value(value: Any) -> str:

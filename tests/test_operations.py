@@ -144,3 +144,14 @@ def test_status_shows_queue_storage_and_alarms(store, capsys):
     assert main(["status", "--data-dir", str(store.data_dir), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["segments"] == {"CLOSED": 1} and data["ledger_head_seq"] == 3
+
+
+def test_provision_takes_the_mqtt_endpoint_from_the_enrollment_answer(tmp_path):
+    server = BureauServer(BureauConfig(dir=tmp_path / "bureau", host="127.0.0.1", port=0,
+                                       mqtt_url="mqtts://127.0.0.1:18883"), poll_interval_s=0.05)
+    server.start()
+    try:
+        cfg = load_config(_provision(server, tmp_path, "BWC-OPS-05").config_file)
+    finally:
+        server.stop()
+    assert (cfg.sync.mqtt_host, cfg.sync.mqtt_port) == ("127.0.0.1", 18883)
