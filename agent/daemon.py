@@ -259,6 +259,7 @@ class Device:
         self._sync_thread: threading.Thread | None = None
         self.mqtt = self.telemetry = None
         self._docked = threading.Event()
+        self._undock_requested = threading.Event()
         self._deadline_alarmed: set[str] = set()
         self.components: list[Any] = []
 
@@ -344,7 +345,8 @@ class Device:
             return
         from agent.sync.dockline import DockLink
 
-        self.dock = DockLink(port, self.cfg.device.id, on_docked=self._on_docked, on_undocked=self._on_undocked)
+        self.dock = DockLink(port, self.cfg.device.id, on_docked=self._on_docked, on_undocked=self._on_undocked,
+                             on_undock_intent=self._undock_intent)
         self.dock.start()
 
     def _start_mqtt(self) -> None:
@@ -437,7 +439,16 @@ class Device:
         self.runner.post(ev.Docked(getattr(session, "dock_id", None)))
         self.sync_now("docked")
 
+    def _undock_intent(self) -> None:
+        """The dock's button: finish the request in flight, then say it is safe to remove (PROTOCOL.md)."""
+        self._undock_requested.set()
+        if self.dock is not None:
+            p = self.sync_progress
+            self.dock.set_status(phase="finishing", queued_bytes=p.get("queued_bytes", 0),
+                                 done_bytes=p.get("done_bytes", 0), eta_s=None, safe_to_remove=False)
+
     def _on_undocked(self, reason: str) -> None:
+        self._undock_requested.clear()
         self._docked.clear()
         self.runner.post(ev.Undocked())
 
@@ -467,20 +478,30 @@ class Device:
         ctx = client_ssl_context(c.ca_file, c.cert_file, c.key_file)
         return Syncer(self.store, self.cfg.sync.bureau_url, HttpsSession(ctx, timeout_s=20),
                       ReceiptVerifier(c.receipt_key), self.clock, on_progress=self._sync_progress,
-                      should_stop=lambda: not self._docked.is_set() or self._stop.is_set())
+                      should_stop=lambda: not self._docked.is_set() or self._stop.is_set()
+                      or self._undock_requested.is_set())
 
     def _sync_progress(self, progress: Any) -> None:
         now = self.clock.mono_us()
         self.sync_progress = progress.as_dict(now)
         if self.dock is not None:
             done = progress.phase == "done"
-            self.dock.set_status(phase={"done": "done", "blocked": "blocked"}.get(progress.phase, "syncing"),
+            leaving = self._undock_requested.is_set()
+            self.dock.set_status(phase="finishing" if leaving and not done else
+                                 {"done": "done", "blocked": "blocked"}.get(progress.phase, "syncing"),
                                  queued_bytes=progress.queued_bytes, done_bytes=progress.done_bytes,
-                                 eta_s=progress.eta_s(now), safe_to_remove=done, alarm=bool(progress.rejected))
+                                 eta_s=progress.eta_s(now), safe_to_remove=done,
+                                 alarm=bool(progress.rejected) or "upload_overdue" in self.alarms)
 
     def _sync_loop(self) -> None:
         backoff = 2.0
         while self._docked.is_set() and not self._stop.is_set():
+            if self._undock_requested.is_set():
+                if self.dock is not None:  # whatever is left resumes at the next dock; nothing is lost
+                    p = self.sync_progress
+                    self.dock.set_status(phase="idle", queued_bytes=p.get("queued_bytes", 0),
+                                         done_bytes=p.get("done_bytes", 0), eta_s=None, safe_to_remove=True)
+                return
             try:
                 syncer = self.make_syncer()
             except RuntimeError as exc:
