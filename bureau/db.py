@@ -10,6 +10,7 @@ Nothing here ever deletes or edits a ledger record, a segment record or a receip
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -20,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: segment sidecars indexed, uploads name the sidecar they carry
 
 
 class BureauDatabaseError(RuntimeError):
@@ -70,8 +71,18 @@ class LedgerRow:
 
 
 @dataclass(frozen=True)
+class SidecarRow:
+    """One `sidecars` entry of a signed segment record (docs/FORMAT.md §10.5)."""
+
+    kind: str  # gps_track | context
+    file: str
+    size: int
+    sha256_cipher: str
+
+
+@dataclass(frozen=True)
 class SegmentRow:
-    """What the device's signed segment record says about one encrypted file."""
+    """What the device's signed segment record says about one encrypted file and its sidecars."""
 
     device_id: str
     segment_id: str
@@ -80,12 +91,19 @@ class SegmentRow:
     sha256_cipher: str
     record_seq: int
     record_hash: str
+    sidecars: tuple[SidecarRow, ...] = ()
+
+    def sidecar(self, kind: str) -> SidecarRow | None:
+        return next((s for s in self.sidecars if s.kind == kind), None)
 
 
 class UploadState(StrEnum):
     RECEIVING = "receiving"  # bytes still expected
     AWAITING_LEDGER = "awaiting_ledger"  # every byte here; the segment record has not arrived yet
-    COMMITTED = "committed"  # verified, in the final store, receipt issued
+    # A segment's upload only: verified and in the final store, but a sidecar its record names is not
+    # committed yet, so no receipt yet.
+    AWAITING_SIDECAR = "awaiting_sidecar"
+    COMMITTED = "committed"  # verified, in the final store (a segment's: receipt issued)
     REJECTED = "rejected"  # every byte here but they do not match the signed record; kept, no receipt
 
 
@@ -102,6 +120,7 @@ class UploadRow:
     detail: str
     created_us: int
     updated_us: int
+    sidecar: str = ""  # "" for the segment's own file, else the sidecar kind this upload carries
 
 
 @dataclass(frozen=True)
@@ -137,7 +156,8 @@ class BureauDatabase(Protocol):
     # uploads and receipts
     def create_upload(self, row: UploadRow) -> None: ...
     def get_upload(self, upload_id: str) -> UploadRow | None: ...
-    def latest_upload(self, device_id: str, segment_id: str) -> UploadRow | None: ...
+    def latest_upload(self, device_id: str, segment_id: str, sidecar: str = "",
+                      states: tuple[UploadState, ...] | None = None) -> UploadRow | None: ...
     def set_upload_offset(self, upload_id: str, offset: int, now_us: int) -> None: ...
     def set_upload_state(self, upload_id: str, state: UploadState, detail: str, now_us: int) -> None: ...
     def complete_uploads(self, device_id: str | None = None) -> list[UploadRow]: ...
@@ -166,10 +186,13 @@ CREATE TABLE IF NOT EXISTS segments (
     sha256_cipher TEXT NOT NULL, record_seq INTEGER NOT NULL, record_hash TEXT NOT NULL,
     PRIMARY KEY (device_id, segment_id));
 CREATE INDEX IF NOT EXISTS segments_by_id ON segments (segment_id);
+CREATE TABLE IF NOT EXISTS segment_sidecars (
+    device_id TEXT NOT NULL, segment_id TEXT NOT NULL, kind TEXT NOT NULL, file TEXT NOT NULL, size INTEGER NOT NULL,
+    sha256_cipher TEXT NOT NULL, PRIMARY KEY (device_id, segment_id, kind));
 CREATE TABLE IF NOT EXISTS uploads (
     upload_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, segment_id TEXT NOT NULL, length INTEGER NOT NULL,
     "offset" INTEGER NOT NULL, metadata TEXT NOT NULL, sha256_cipher TEXT NOT NULL, state TEXT NOT NULL,
-    detail TEXT NOT NULL, created_us INTEGER NOT NULL, updated_us INTEGER NOT NULL);
+    detail TEXT NOT NULL, created_us INTEGER NOT NULL, updated_us INTEGER NOT NULL, sidecar TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS uploads_by_segment ON uploads (device_id, segment_id);
 CREATE TABLE IF NOT EXISTS receipts (
     device_id TEXT NOT NULL, segment_id TEXT NOT NULL, data BLOB NOT NULL, sig BLOB NOT NULL, sha256 TEXT NOT NULL,
@@ -182,6 +205,10 @@ CREATE TRIGGER IF NOT EXISTS segments_no_update BEFORE UPDATE ON segments
 BEGIN SELECT RAISE(ABORT, 'segment records are never edited'); END;
 CREATE TRIGGER IF NOT EXISTS segments_no_delete BEFORE DELETE ON segments
 BEGIN SELECT RAISE(ABORT, 'segment records are never deleted'); END;
+CREATE TRIGGER IF NOT EXISTS segment_sidecars_no_update BEFORE UPDATE ON segment_sidecars
+BEGIN SELECT RAISE(ABORT, 'segment records are never edited'); END;
+CREATE TRIGGER IF NOT EXISTS segment_sidecars_no_delete BEFORE DELETE ON segment_sidecars
+BEGIN SELECT RAISE(ABORT, 'segment records are never deleted'); END;
 CREATE TRIGGER IF NOT EXISTS receipts_no_update BEFORE UPDATE ON receipts
 BEGIN SELECT RAISE(ABORT, 'receipts are never edited'); END;
 CREATE TRIGGER IF NOT EXISTS receipts_no_delete BEFORE DELETE ON receipts
@@ -189,14 +216,20 @@ BEGIN SELECT RAISE(ABORT, 'receipts are never deleted'); END;
 """
 
 _UPLOAD_COLS = ('upload_id, device_id, segment_id, length, "offset", metadata, sha256_cipher, state, detail, '
-                'created_us, updated_us')
+                'created_us, updated_us, sidecar')
 
 
 def _upload(row: tuple | None) -> UploadRow | None:
     if row is None:
         return None
     return UploadRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], UploadState(row[7]), row[8], row[9],
-                     row[10])
+                     row[10], row[11])
+
+
+def _sidecars_of_record(data: bytes) -> list[tuple[str, str, int, str]]:
+    """(kind, file, size, sha256_cipher) of each sidecar a stored, already verified segment record names."""
+    body = json.loads(data).get("body", {})
+    return [(s["kind"], s["file"], s["size"], s["sha256_cipher"]) for s in body.get("sidecars", [])]
 
 
 class SqliteBureauDatabase:
@@ -210,10 +243,36 @@ class SqliteBureauDatabase:
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
-            with self._lock:  # idempotent statements; executescript manages its own transaction
-                self._conn.executescript("BEGIN;" + _SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+            with self._lock:
+                self._migrate()
         except sqlite3.DatabaseError as exc:
             raise BureauDatabaseError(f"{self.path}: cannot open the bureau database: {exc}") from exc
+
+    def _migrate(self) -> None:
+        """Create the schema, or bring a version-1 database up to it in one transaction (only additions:
+        the `sidecar` column of uploads, and the sidecar index filled from the stored segment records)."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            upload_cols = {r[1] for r in conn.execute("PRAGMA table_info(uploads)")}
+            if upload_cols and "sidecar" not in upload_cols:
+                conn.execute("ALTER TABLE uploads ADD COLUMN sidecar TEXT NOT NULL DEFAULT ''")
+            for stmt in _SCHEMA.split(";\n"):  # a trigger's inner ";" is followed by " END", not a newline
+                if stmt.strip():
+                    conn.execute(stmt)
+            if version < 2:
+                for device_id, segment_id, data in conn.execute(
+                        "SELECT s.device_id, s.segment_id, l.data FROM segments s JOIN ledger l"
+                        " ON l.device_id = s.device_id AND l.seq = s.record_seq").fetchall():
+                    conn.executemany("INSERT INTO segment_sidecars (device_id, segment_id, kind, file, size,"
+                                     " sha256_cipher) VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                                     [(device_id, segment_id, *s) for s in _sidecars_of_record(bytes(data))])
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -323,15 +382,24 @@ class SqliteBureauDatabase:
                                  " record_hash) VALUES (?,?,?,?,?,?,?)",
                                  [(s.device_id, s.segment_id, s.file, s.size, s.sha256_cipher, s.record_seq,
                                    s.record_hash) for s in segments])
+                conn.executemany("INSERT INTO segment_sidecars (device_id, segment_id, kind, file, size, sha256_cipher)"
+                                 " VALUES (?,?,?,?,?,?)",
+                                 [(s.device_id, s.segment_id, c.kind, c.file, c.size, c.sha256_cipher)
+                                  for s in segments for c in s.sidecars])
             except sqlite3.IntegrityError as exc:
                 raise BureauDatabaseError(f"ledger of {device_id}: {exc} (a segment id recorded twice?)") from exc
             conn.execute("INSERT INTO ledger_keys (device_id, signing_key_der) VALUES (?,?) ON CONFLICT (device_id)"
                          " DO UPDATE SET signing_key_der=excluded.signing_key_der", (device_id, signing_key_der))
 
     def get_segment(self, device_id: str, segment_id: str) -> SegmentRow | None:
-        row = self._one("SELECT device_id, segment_id, file, size, sha256_cipher, record_seq, record_hash"
-                        " FROM segments WHERE device_id=? AND segment_id=?", (device_id, segment_id))
-        return SegmentRow(*row) if row else None
+        with self._lock:
+            row = self._one("SELECT device_id, segment_id, file, size, sha256_cipher, record_seq, record_hash"
+                            " FROM segments WHERE device_id=? AND segment_id=?", (device_id, segment_id))
+            if row is None:
+                return None
+            sidecars = self._all("SELECT kind, file, size, sha256_cipher FROM segment_sidecars"
+                                 " WHERE device_id=? AND segment_id=? ORDER BY kind", (device_id, segment_id))
+        return SegmentRow(*row, sidecars=tuple(SidecarRow(*s) for s in sidecars))
 
     def segment_owners(self, segment_id: str) -> list[str]:
         return [r[0] for r in self._all("SELECT device_id FROM segments WHERE segment_id=?", (segment_id,))]
@@ -340,16 +408,25 @@ class SqliteBureauDatabase:
 
     def create_upload(self, row: UploadRow) -> None:
         with self._tx() as conn:
-            conn.execute(f"INSERT INTO uploads ({_UPLOAD_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            conn.execute(f"INSERT INTO uploads ({_UPLOAD_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                          (row.upload_id, row.device_id, row.segment_id, row.length, row.offset, row.metadata,
-                          row.sha256_cipher, row.state.value, row.detail, row.created_us, row.updated_us))
+                          row.sha256_cipher, row.state.value, row.detail, row.created_us, row.updated_us,
+                          row.sidecar))
 
     def get_upload(self, upload_id: str) -> UploadRow | None:
         return _upload(self._one(f"SELECT {_UPLOAD_COLS} FROM uploads WHERE upload_id=?", (upload_id,)))
 
-    def latest_upload(self, device_id: str, segment_id: str) -> UploadRow | None:
-        return _upload(self._one(f"SELECT {_UPLOAD_COLS} FROM uploads WHERE device_id=? AND segment_id=?"
-                                 " ORDER BY created_us DESC, rowid DESC LIMIT 1", (device_id, segment_id)))
+    def latest_upload(self, device_id: str, segment_id: str, sidecar: str = "",
+                      states: tuple[UploadState, ...] | None = None) -> UploadRow | None:
+        """The newest upload of one part of a segment: its own file (`sidecar` "") or the sidecar of that
+        kind; with `states`, the newest one in one of them."""
+        where = "device_id=? AND segment_id=? AND sidecar=?"
+        params: tuple = (device_id, segment_id, sidecar)
+        if states:
+            where += f" AND state IN ({','.join('?' * len(states))})"
+            params += tuple(s.value for s in states)
+        return _upload(self._one(f"SELECT {_UPLOAD_COLS} FROM uploads WHERE {where}"
+                                 " ORDER BY created_us DESC, rowid DESC LIMIT 1", params))
 
     def set_upload_offset(self, upload_id: str, offset: int, now_us: int) -> None:
         with self._tx() as conn:
@@ -361,10 +438,12 @@ class SqliteBureauDatabase:
                          (state.value, detail, now_us, upload_id))
 
     def complete_uploads(self, device_id: str | None = None) -> list[UploadRow]:
-        """Uploads holding every byte but not yet committed or rejected (to finish after a restart)."""
-        sql = (f"SELECT {_UPLOAD_COLS} FROM uploads WHERE \"offset\"=length AND state IN (?,?)"
-               + (" AND device_id=?" if device_id else "") + " ORDER BY created_us")
-        params = (UploadState.RECEIVING.value, UploadState.AWAITING_LEDGER.value) + ((device_id,) if device_id else ())
+        """Uploads holding every byte but not yet committed or rejected (to finish after a restart), and
+        stored segments still waiting for a sidecar."""
+        sql = (f"SELECT {_UPLOAD_COLS} FROM uploads WHERE \"offset\"=length AND state IN (?,?,?)"
+               + (" AND device_id=?" if device_id else "") + " ORDER BY created_us, rowid")
+        params = (UploadState.RECEIVING.value, UploadState.AWAITING_LEDGER.value,
+                  UploadState.AWAITING_SIDECAR.value) + ((device_id,) if device_id else ())
         return [_upload(r) for r in self._all(sql, params)]  # type: ignore[misc]
 
     def commit_receipt(self, upload_id: str, receipt: ReceiptRow, now_us: int) -> None:

@@ -6,7 +6,9 @@ a fork); the first new record must follow the bureau's head. New records are che
 verifier (agent.evidence.verify.Verifier.verify_chain) anchored at the bureau's head: seq continuity,
 prev hashes, every body's schema, and every signature against the device key pinned at enrollment
 (the key in its certificate) or the key a signed `key_change` record handed over to. A batch is
-stored whole or not at all (R5, R22).
+stored whole or not at all (R5, R22). Each new segment record is indexed with the sidecars it names
+(file, size, hash): uploads of the segment and of each sidecar are checked against that index, and
+complete uploads that were waiting for the record are committed (bureau.receipts).
 
 Threads: `ingest` runs in a request-handler thread under the device's lock (bureau.receipts.DeviceLocks).
 """
@@ -24,7 +26,7 @@ from agent.evidence.canonical import CanonicalJSONError
 from agent.evidence.records import RecordError, SignedRecord, check_envelope
 from agent.evidence.signing import SignatureError, load_public_key, public_key_der
 from agent.evidence.verify import Report, Verifier
-from bureau.db import BureauDatabase, BureauDatabaseError, DeviceRow, LedgerRow, SegmentRow
+from bureau.db import BureauDatabase, BureauDatabaseError, DeviceRow, LedgerRow, SegmentRow, SidecarRow
 from bureau.objects import SAFE_FILE_RE, ObjectStore
 from bureau.receipts import DeviceLocks, ReceiptIssuer
 
@@ -157,8 +159,14 @@ class LedgerIngest:
                 if not SAFE_FILE_RE.match(body["file"]):
                     raise LedgerRejected(422, "ledger_rejected", f"line {ln.lineno}: segment file name "
                                          f"{body['file']!r} is not a plain file name")
+                sidecars = tuple(SidecarRow(c["kind"], c["file"], c["size"], c["sha256_cipher"])
+                                 for c in body.get("sidecars", []))
+                for c in sidecars:
+                    if not SAFE_FILE_RE.match(c.file):
+                        raise LedgerRejected(422, "ledger_rejected", f"line {ln.lineno}: sidecar file name "
+                                             f"{c.file!r} is not a plain file name")
                 segments.append(SegmentRow(device_id, body["segment_id"], body["file"], body["size"],
-                                           body["sha256_cipher"], ln.seq, ln.record.hash))
+                                           body["sha256_cipher"], ln.seq, ln.record.hash, sidecars))
             elif rtype == "key_change" and body.get("kind") == "identity" and body.get("public_key"):
                 try:
                     signing_key = public_key_der(load_public_key(base64.b64decode(body["public_key"])))

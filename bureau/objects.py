@@ -4,9 +4,10 @@
 bundle has, so `bwc-agent verify DIR/store/<device_id> --identity ...` checks the bureau's copy:
 
     DIR/store/<device_id>/ledger.jsonl        every verified record, in seq order (docs/FORMAT.md)
-    DIR/store/<device_id>/segments/<file>     each committed segment, byte for byte as the device wrote it
+    DIR/store/<device_id>/segments/<file>     each committed segment and sidecar (docs/FORMAT.md §10.5),
+                                              byte for byte as the device wrote it, under its recorded name
 
-Objects are only ever added: a segment file is never replaced (a second commit of the same bytes is
+Objects are only ever added: a segment or sidecar file is never replaced (a second commit of the same bytes is
 a no-op, of other bytes an error), and the ledger file is only appended to. Callers serialise calls
 per device (the committer holds a per-device lock); different devices may be written concurrently.
 """
@@ -47,7 +48,8 @@ class ObjectStore(Protocol):
         ...
 
     def put_segment(self, device_id: str, file_name: str, source: Path, size: int, sha256: str) -> StoredObject:
-        """Commit an uploaded file (already checked by the caller) under `file_name`."""
+        """Commit an uploaded segment or sidecar file (already checked by the caller) under `file_name`,
+        beside the device's other segments; never replaces an object that holds other bytes."""
         ...
 
 

@@ -36,6 +36,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from cryptography import x509
 
+from agent.evidence.records import SIDECAR_TAGS
 from agent.evidence.signing import public_key_pem
 from bureau.db import DeviceRow, UploadRow, UploadState
 from bureau.enrollment import EnrollmentRefused
@@ -418,21 +419,31 @@ class BureauRequestHandler(BaseHTTPRequestHandler):
         if meta.get("device", device.device_id) != device.device_id:
             raise self._tus_error(403, "not_your_device", f"metadata names device {meta['device']!r}; this "
                                   f"certificate is for {device.device_id!r}")
+        sidecar = meta.get("sidecar", "")
+        if sidecar and sidecar not in SIDECAR_TAGS:
+            raise self._tus_error(400, "bad_metadata", f"Upload-Metadata sidecar {sidecar!r} is not a sidecar kind "
+                                  f"({', '.join(SIDECAR_TAGS)})")
+        part = f"segment {segment_id}" + (f", its {sidecar} sidecar" if sidecar else "")
         record = service.db.get_segment(device.device_id, segment_id)
         if record is None:
             if service.db.segment_owners(segment_id):
                 raise self._tus_error(403, "not_your_segment", f"segment {segment_id} belongs to another device; a "
                                       "device may only upload its own segments")
-        elif record.size != length or record.sha256_cipher != sha:
-            raise self._tus_error(422, "record_mismatch", f"segment {segment_id}: the signed record (seq "
-                                  f"{record.record_seq}) says {record.size} bytes, sha256 {record.sha256_cipher}; "
-                                  f"this upload declares {length} bytes, sha256 {sha}")
+        else:
+            named = record.sidecar(sidecar) if sidecar else record
+            if named is None:
+                raise self._tus_error(422, "record_mismatch", f"{part}: the signed record (seq {record.record_seq}) "
+                                      f"names no {sidecar} sidecar")
+            if named.size != length or named.sha256_cipher != sha:
+                raise self._tus_error(422, "record_mismatch", f"{part}: the signed record (seq {record.record_seq}) "
+                                      f"says {named.size} bytes, sha256 {named.sha256_cipher}; this upload declares "
+                                      f"{length} bytes, sha256 {sha}")
         if service.db.get_receipt(device.device_id, segment_id) is not None:
-            raise self._tus_error(409, "already_receipted", f"segment {segment_id} is already stored and receipted; "
-                                  "fetch its receipt (GET /v1/receipts)")
-        row = service.uploads.create(device.device_id, segment_id, length, metadata_header, sha)
+            raise self._tus_error(409, "already_receipted", f"segment {segment_id} is already stored and receipted "
+                                  "(with every sidecar its record names); fetch its receipt (GET /v1/receipts)")
+        row = service.uploads.create(device.device_id, segment_id, length, metadata_header, sha, sidecar)
         location = f"{self._base_url()}/v1/uploads/{row.upload_id}"
-        log.info("upload %s created for %s/%s (%d bytes)", row.upload_id, device.device_id, segment_id, length)
+        log.info("upload %s created for %s of %s (%d bytes)", row.upload_id, part, device.device_id, length)
         headers = self._tus_headers(Location=location)
         with_body = self.headers.get("Content-Type", "").split(";")[0].strip() == OFFSET_STREAM
         if with_body and self._body_left:  # creation-with-upload

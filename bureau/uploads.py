@@ -1,7 +1,9 @@
 """Resumable uploads: the storage side of the tus endpoint (docs/PROTOCOL.md, "Uploads (tus 1.0)").
 
-Each upload is a file `DIR/incoming/<upload_id>` plus a database row whose `offset` says how many of
-the file's bytes are durable. Bytes are streamed from the request to the file in 64 KiB blocks (memory
+An upload carries one file of a segment: the segment's own file, or one of the sidecars its signed
+record names (`UploadRow.sidecar` says which kind); both travel the same way. Each upload is a file
+`DIR/incoming/<upload_id>` plus a database row whose `offset` says how many of the file's bytes are
+durable. Bytes are streamed from the request to the file in 64 KiB blocks (memory
 stays bounded whatever the request size), and the offset moves only after an fsync, so after a crash
 or restart of the bureau the upload resumes from the recorded offset; a file tail beyond it (written
 but not yet fsynced when the bureau died) is dropped before the next write.
@@ -86,8 +88,10 @@ class UploadStore:
     def path(self, upload_id: str) -> Path:
         return self.incoming_dir / upload_id
 
-    def create(self, device_id: str, segment_id: str, length: int, metadata: str, sha256_cipher: str) -> UploadRow:
-        """A new, empty upload; its file and row are durable on return."""
+    def create(self, device_id: str, segment_id: str, length: int, metadata: str, sha256_cipher: str,
+               sidecar: str = "") -> UploadRow:
+        """A new, empty upload of a segment's file (`sidecar` "") or of its sidecar of that kind; its file
+        and row are durable on return."""
         upload_id = secrets.token_hex(16)
         fd = os.open(self.path(upload_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
@@ -101,7 +105,7 @@ class UploadStore:
             os.close(dfd)
         now = _now_us()
         row = UploadRow(upload_id, device_id, segment_id, length, 0, metadata, sha256_cipher, UploadState.RECEIVING,
-                        "", now, now)
+                        "", now, now, sidecar)
         self.db.create_upload(row)
         return row
 

@@ -363,10 +363,13 @@ class EvidenceStore:
                                               "bureau_key_id": receipt.fields["bureau_key_id"]}, also=also)
 
     def purge(self, segment_id: str, reason: str = "space_needed") -> SignedRecord:
-        """Remove a receipted segment's file. The only deletion the device can make; logged as a record.
+        """Remove a receipted segment's file and the sidecar files its segment record names. The only
+        deletion the device can make; logged as one `purge` record.
 
-        The segment's sidecars stay (docs/FORMAT.md §12): the receipt covers the segment file only, and the
-        sync path does not upload sidecars, so the bureau may not hold them."""
+        The receipt names the segment record by hash, that record carries each sidecar's hash, and the
+        bureau receipts a segment only once it holds the segment and every such sidecar (docs/PROTOCOL.md,
+        "Commit"); so the purge record, naming the segment, accounts for its sidecars too (docs/FORMAT.md
+        §12)."""
         row = self.row(segment_id)
         receipts = self.db.query("SELECT receipt_sha256 FROM receipts WHERE segment_id=?", (segment_id,))
         if row["state"] != S.RECEIPTED or not receipts:
@@ -388,9 +391,33 @@ class EvidenceStore:
         return record
 
     def _unlink_purged(self, file: str) -> None:
+        """Delete a purged segment's file, then each sidecar its segment record names that still holds the
+        recorded bytes (one that differs is left in place for a verifier to report, S8); the directory is
+        fsynced after. Also run by recovery for a purge whose record committed before the deletions."""
+        deleted = False
         path = self.segments_dir / file
         if path.exists():
             path.unlink()
+            deleted = True
+        segment_id = file[: -len(SEGMENT_SUFFIX)]
+        # Cheap first: recovery calls this for every purged row at each start.
+        if any((self.segments_dir / sidecar_file_name(segment_id, kind)).exists() for kind in SIDECAR_TAGS):
+            found = self.db.query_rows("SELECT l.data, l.sig FROM segments s JOIN ledger l ON l.seq = s.record_seq"
+                                       " WHERE s.segment_id=? AND s.state=? AND l.type='segment'",
+                                       (segment_id, S.PURGED))
+            body = SignedRecord(bytes(found[0][0]), bytes(found[0][1])).fields["body"] if found else {}
+            for sidecar in body.get("sidecars", []) if body.get("segment_id") == segment_id else []:
+                sidecar_path = self.segments_dir / sidecar["file"]
+                if sidecar_path.is_symlink() or not sidecar_path.is_file():
+                    continue
+                if (sidecar_path.stat().st_size != sidecar["size"]
+                        or _hash_file(sidecar_path) != sidecar["sha256_cipher"]):
+                    log.error("purge of %s: sidecar %s differs from its segment record; left in place", segment_id,
+                              sidecar["file"])
+                    continue
+                sidecar_path.unlink()
+                deleted = True
+        if deleted:
             self.fs.sync_dir(self.segments_dir)
 
     def purge_for_space(self, needed_free_bytes: int) -> list[str]:

@@ -6,7 +6,11 @@ Thread: `Syncer.sync_once()` runs on the sync thread (started when the dock repo
 purging receipted footage is the space controller's decision, and only for receipted segments.
 
 Order: the ledger first (the bureau verifies a segment against its signed record), then segments of
-flagged sessions (mandatory stages, flags), then the oldest first.
+flagged sessions (mandatory stages, flags), then the oldest first. Each segment travels with its
+sidecars (docs/FORMAT.md §10.5): its own file, then every sidecar its signed record names, each a tus
+upload of its own that resumes the same way; the bureau receipts the segment only when it holds all of
+them. Upload URLs are persisted in the `uploads` table before any byte is sent, keyed by the segment id
+for the segment's own file and by the file name for a sidecar (`<segment_id>.gps.age`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 from agent.clock import Clock
 from agent.evidence.receipts import ReceiptError, ReceiptVerifier
+from agent.evidence.records import SignedRecord
 from agent.storage.store import EvidenceStore, SegmentState, StateError
 from agent.sync.https import BureauError, HttpsSession, LinkError
 from agent.sync.tus import TusClient, TusError, TusInterrupted
@@ -54,6 +59,16 @@ class SyncProgress:
                 "eta_s": self.eta_s(now_mono_us), "segments_total": self.segments_total,
                 "segments_sent": self.segments_sent, "receipted": self.receipted, "rejected": self.rejected,
                 "error": self.error}
+
+
+@dataclass(frozen=True)
+class UploadPart:
+    """One file of a segment to upload: the segment's own file or one of its recorded sidecars."""
+
+    key: str  # its row in the `uploads` table: the segment id, or the sidecar's file name
+    file: str  # name in segments/
+    size: int
+    metadata: dict[str, str]  # tus Upload-Metadata (docs/PROTOCOL.md, "Uploads")
 
 
 @dataclass
@@ -184,48 +199,85 @@ class Syncer:
         rows = self.store.segments(PENDING)
         return sorted(rows, key=lambda r: (-(r["flagged"] or 0), r["opened_wall_us"] or 0, r["segment_id"]))
 
+    def upload_parts(self, row: dict[str, Any]) -> list[UploadPart]:
+        """The files to send for a segment, in order: its own file, then each sidecar its signed record
+        names (the record, not the directory, says which: nothing else is evidence of this segment)."""
+        sid = row["segment_id"]
+        meta = {"segment_id": sid, "sha256_cipher": row["sha256_cipher"], "device": self.store.device_id}
+        parts = [UploadPart(sid, row["file"], row["size"] or 0, meta)]
+        found = self.store.db.query_rows("SELECT data, sig FROM ledger WHERE seq=? AND type='segment'",
+                                         (row["record_seq"],))
+        record = SignedRecord(bytes(found[0][0]), bytes(found[0][1])) if found else None
+        if record is None or record.fields["body"]["segment_id"] != sid:
+            log.error("segment %s: its segment record (seq %s) is not in the ledger; sending the file alone", sid,
+                      row["record_seq"])
+            return parts
+        for sidecar in record.fields["body"].get("sidecars", []):
+            parts.append(UploadPart(sidecar["file"], sidecar["file"], sidecar["size"],
+                                    {"segment_id": sid, "sidecar": sidecar["kind"],
+                                     "sha256_cipher": sidecar["sha256_cipher"], "device": self.store.device_id}))
+        return parts
+
     def upload_segments(self, result: SyncResult) -> None:
         rows = [r for r in self.ordered_pending() if r["state"] != S.UPLOADED]
-        self.progress.queued_bytes = sum(r["size"] or 0 for r in rows)
+        self.progress.queued_bytes = sum(p.size for r in rows for p in self.upload_parts(r))
         self.progress.segments_total = len(rows)
         for row in rows:
             self._stopping()
             self.upload_segment(row)
-            result.uploaded.append(row["segment_id"])
-            self.progress.segments_sent += 1
+            if self.store.row(row["segment_id"])["state"] == S.UPLOADED:
+                result.uploaded.append(row["segment_id"])
+                self.progress.segments_sent += 1
             self.on_progress(self.progress)
 
-    def upload_segment(self, row: dict[str, Any]) -> None:
+    def upload_segment(self, row: dict[str, Any]) -> bool:
+        """Send a segment's file and then each of its sidecars (resuming any the bureau has part of); the
+        segment is UPLOADED on return True. False: a sidecar its record names is not on the device (alarm
+        raised; the segment is requeued at the end of the pass; what was sent stays at the bureau)."""
         sid = row["segment_id"]
+        parts = self.upload_parts(row)
         if row["state"] == S.CLOSED:
             self.store.transition(sid, S.QUEUED, "docked")
         self.store.transition(sid, S.UPLOADING)
-        stored = self.store.db.query_rows("SELECT upload_url FROM uploads WHERE segment_id=?", (sid,))
+        for part in parts:
+            self._stopping()
+            if not self._upload_part(part):
+                return False
+        self.store.transition(sid, S.UPLOADED, "tus upload complete (not an acknowledgement)")
+        return True
+
+    def _upload_part(self, part: UploadPart) -> bool:
+        path = self.store.segments_dir / part.file
+        if not path.is_file():
+            detail = f"{part.metadata['segment_id']}: {part.file}, named by its segment record, is not in segments/"
+            log.error("cannot upload: %s", detail)
+            self.store.ledger.append("alarm", {"code": "sidecar_missing", "severity": "critical", "detail": detail})
+            return False
+        stored = self.store.db.query_rows("SELECT upload_url FROM uploads WHERE segment_id=?", (part.key,))
         url = stored[0][0] if stored else None
         base_done = self.progress.done_bytes
 
         def remember(new_url: str) -> None:
             with self.store.db.transaction() as conn:
                 conn.execute("INSERT OR REPLACE INTO uploads (segment_id, upload_url, created_wall_us) VALUES (?,?,?)",
-                             (sid, new_url, self.clock.wall_us()))
+                             (part.key, new_url, self.clock.wall_us()))
 
         def progress(done: int, total: int) -> None:
             self.progress.done_bytes = base_done + done
             self.on_progress(self.progress)
             self._stopping()
 
-        path = self.store.segments_dir / row["file"]
-        meta = {"segment_id": sid, "sha256_cipher": row["sha256_cipher"], "device": self.store.device_id}
         try:
-            self.tus.upload(path, meta, upload_url=url, on_created=remember, on_progress=progress)
+            self.tus.upload(path, part.metadata, upload_url=url, on_created=remember, on_progress=progress)
         except TusError as exc:
             if url is not None and "gone" in str(exc):
                 with self.store.db.transaction() as conn:
-                    conn.execute("DELETE FROM uploads WHERE segment_id=?", (sid,))
-                self.tus.upload(path, meta, on_created=remember, on_progress=progress)
+                    conn.execute("DELETE FROM uploads WHERE segment_id=?", (part.key,))
+                self.tus.upload(path, part.metadata, on_created=remember, on_progress=progress)
             else:
                 raise
-        self.store.transition(sid, S.UPLOADED, "tus upload complete (not an acknowledgement)")
+        self.progress.done_bytes = base_done + part.size  # also when the bureau already had every byte
+        return True
 
     def _requeue_uploading(self) -> None:
         for row in self.store.segments([S.UPLOADING]):
@@ -264,6 +316,10 @@ class Syncer:
             self.store.record_receipt(sid, verified)
             result.receipted.append(sid)
             self.progress.receipted += 1
+        elif status == "awaiting_sidecar" and row["state"] == S.UPLOADED:
+            # The bureau holds the footage but not every sidecar (a commit failed there, or an older agent
+            # sent the segment alone): queue it so the next pass sends what is missing.
+            self.store.transition(sid, S.QUEUED, str(item.get("detail", "bureau awaits a sidecar")))
         elif status == "rejected":
             if row["state"] in (S.UPLOADING, S.UPLOADED):
                 self.store.transition(sid, S.REJECTED, str(item.get("detail", "")))
