@@ -74,6 +74,7 @@ class Hardware:
     smbus: Any = None  # the smbus2 module (hw_sim.battery.FakeSMBusModule in the simulator)
     thermal_path: Path | None = None
     dock_port: str | None = None
+    gps_port: str | None = None
     power_off: Callable[[], None] | None = None
     haptics: Callable[[str], None] | None = None
     fs: FileSystem | None = None
@@ -258,6 +259,7 @@ class Device:
         self._stop = threading.Event()
         self._sync_thread: threading.Thread | None = None
         self.mqtt = self.telemetry = None
+        self.gps = None
         self._docked = threading.Event()
         self._undock_requested = threading.Event()
         self._deadline_alarmed: set[str] = set()
@@ -310,8 +312,12 @@ class Device:
         pcfg = PipelineConfig(segment_seconds=cfg.recording.segment_s, pre_event_seconds=cfg.recording.pre_event_s,
                               pre_event_audio=cfg.recording.pre_event_audio, queue_packets=cfg.recording.queue_packets)
         self.bridge = PipelineBridge(post)
+        self._start_gps()
+        provider = (self.track.sidecar_provider(store.segments_dir, store.recipients, store.fs)
+                    if self.gps is not None else None)
         self.pipeline = CapturePipeline(store, video, self.mic.audio_params if self.mic else None, pcfg,
-                                        events=self.bridge, request_keyframe=self.camera.force_keyframe, clock=clock)
+                                        events=self.bridge, request_keyframe=self.camera.force_keyframe, clock=clock,
+                                        sidecar_provider=provider)
         self.machine.recorder = PipelineRecorder(self.pipeline)
         self.pipeline.start()
         self.camera.connect(self.pipeline.submit)
@@ -337,6 +343,26 @@ class Device:
         self._start_dock()
         self._start_mqtt()
         self.notifier.ready(f"recording ready ({cfg.device.id})")
+
+    def _start_gps(self) -> None:
+        """The GPS receiver: its fixes go into the encrypted per-segment track and onto the OSD."""
+        from agent.capture.gps import GpsReceiver, GpsTrackRecorder
+
+        self.gps = None
+        port = self.hw.gps_port or self.cfg.sync.gps_port
+        if port is None:
+            return
+        self.track = GpsTrackRecorder(mono_us=self.clock.mono_us)
+
+        def on_fix(fix: Any) -> None:
+            self.track.add(fix)
+            if fix is None:
+                self.osd.set_position(None, None)
+            else:
+                self.osd.set_position(fix.lat_ude / 1e6, fix.lon_ude / 1e6)
+
+        self.gps = GpsReceiver(port, on_fix=on_fix, mono_us=self.clock.mono_us)
+        self.gps.start()
 
     def _start_dock(self) -> None:
         port = self.hw.dock_port or self.cfg.sync.dock_port
@@ -601,6 +627,8 @@ class Device:
         self.runner.stop()
         self.machine.shutdown()  # the runner thread has stopped: safe to call here
         self.pipeline.close()
+        if self.gps is not None:
+            self.gps.stop()
         self.listener.stop()
         if self.player is not None:
             self.player.stop()

@@ -69,6 +69,7 @@ def run_demo(workdir: Path | None = None, quiet_logs: bool = True) -> int:
         sim_dir = work / "sim"
         hw = SimulatedHardware(sim_dir, SystemClock())
         dock_port = hw.add_dock()
+        gps_port = hw.add_gps()
         result = provision(
             bureau_url=server.base_url, token=token, device_id=DEVICE_ID, data_dir=work / "device",
             config_file=work / "agent.toml", ca_file=work / "bureau" / "ca.pem",
@@ -77,7 +78,7 @@ def run_demo(workdir: Path | None = None, quiet_logs: bool = True) -> int:
                 "recording": {"width": 640, "height": 360, "fps": 15, "bitrate_bps": 1_000_000,
                               "pre_event_s": 10, "segment_s": 20},
                 "session": {"category": "penalty", "stage": "on_site"},
-                "sync": {"dock_port": dock_port},
+                "sync": {"dock_port": dock_port, "gps_port": gps_port},
                 "hardware": {"camera": "sim", "audio": "sim", "buttons": "sim"},
             })
         say(f"provisioned: certificate {result.cert_file.name}, {len(result.recipients)} bureau recipient(s), "
@@ -155,12 +156,14 @@ def summarise(work: Path, cfg, server, synced: bool, say) -> int:
     print(f"segments          {len(segs)} ({seconds / 60:.1f} min of footage, {frames} video frames, "
           f"{sum(1 for s in segs if s['truncated'])} truncated)")
     print(f"receipts          {len(receipts)} of {len(segs)} segments receipted by the bureau (signed, verified)")
+    tracks = sum(len(s.get("sidecars", [])) for s in segs)
+    print(f"GPS tracks        {tracks} encrypted track sidecar(s), uploaded and verified with their segments")
     print(f"ffprobe           {probe}")
     print(f"device copy       {'VERIFIED' if dev_report.ok else 'FAILED'}: {dev_report.records} records, "
           f"{dev_report.signatures_ok} signatures, {dev_report.segments_ok} intact + "
           f"{dev_report.segments_purged} purged segments" + _problems(dev_report))
     print(f"bureau copy       {'VERIFIED' if bur_report.ok else 'FAILED'}: {bur_report.records} records, "
-          f"{bur_report.decrypted} segments decrypted and checked" + _problems(bur_report))
+          f"{bur_report.decrypted} files (segments and tracks) decrypted and checked" + _problems(bur_report))
     print()
     print("Artefacts (check them with standard tools):")
     print(f"  device data     {work / 'device'}")

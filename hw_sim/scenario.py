@@ -72,6 +72,7 @@ class SimulatedHardware:
     thermal: SimThermal = field(init=False)
     pins: object = field(init=False)
     dock: object | None = None
+    gps: object | None = None
     power_offs: int = 0
 
     def __post_init__(self) -> None:
@@ -95,10 +96,19 @@ class SimulatedHardware:
             self.dock.unplug()
         return self.dock.device_port
 
+    def add_gps(self, speed: float = 1.0) -> str:
+        """A GPS receiver on a pty pair, walking a track and emitting NMEA once a (simulated) second."""
+        from hw_sim.serial_devices import SimulatedGps
+
+        self.gps = SimulatedGps(self.folder)
+        self.gps.run(speed=speed)
+        return self.gps.device_port
+
     def hardware(self) -> Hardware:
         return Hardware(picamera2=self.camera.module, pyaudio=self.microphone.module, speaker=self.speaker,
                         pin_factory=self.pins, smbus=FakeSMBusModule(self.battery), thermal_path=self.thermal.path,
-                        dock_port=self.dock.device_port if self.dock else None, power_off=self._power_off)
+                        dock_port=self.dock.device_port if self.dock else None,
+                        gps_port=self.gps.device_port if self.gps else None, power_off=self._power_off)
 
     def _power_off(self) -> None:
         self.power_offs += 1
@@ -106,6 +116,8 @@ class SimulatedHardware:
     def close(self) -> None:
         if self.dock is not None:
             self.dock.close()
+        if self.gps is not None:
+            self.gps.close()
 
 
 class ShiftScript:
