@@ -149,6 +149,8 @@ class StallingProxy:
                 client, _ = self.sock.accept()
             except TimeoutError:
                 continue
+            except OSError:  # closed by close()
+                return
             upstream = socket.create_connection(("127.0.0.1", self.target))
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
@@ -189,14 +191,21 @@ def test_stalled_link_times_out_and_resumes(tmp_path):
         record_segments(rig.dev.store, "SSTL-eeee", [12])
         size = rig.dev.store.segments()[0]["size"]
         proxy = StallingProxy(server.port)
+        # The bureau hands out absolute upload URLs: make them point through the proxy too, so the stall
+        # hits a PATCH in flight and not only the requests around it.
+        server.httpd.base_url = f"https://127.0.0.1:{proxy.port}"
         try:
             first = rig.syncer(port=proxy.port,
                                on_progress=lambda p: proxy.stalled.set() if p.done_bytes >= 2 * MB else None)
             started = time.monotonic()
             result = first.sync_once()
             assert result.interrupted and time.monotonic() - started < 30
+            assert rig.states() == {"SSTL-eeee-0000": S.QUEUED}
+            stalled_at = first.progress.done_bytes
+            assert 2 * MB <= stalled_at < size, "the stall must cut the upload itself"
         finally:
             proxy.close()
+            server.httpd.base_url = f"https://127.0.0.1:{server.port}"
         second = rig.syncer()
         assert second.sync_once().error is None
         assert rig.states() == {"SSTL-eeee-0000": S.RECEIPTED}

@@ -94,3 +94,12 @@ def test_client_without_certificate_is_refused(env):
     anonymous = client_ssl_context(pki / "ca.crt", None, None)
     with pytest.raises((TusInterrupted, TusError)):
         TusClient(f"https://127.0.0.1:{servers[0].port}/files", anonymous).upload(data, {"segment_id": "x"})
+
+
+def test_upload_urls_never_leave_the_configured_bureau():
+    from agent.sync.tus import same_origin
+
+    base = "https://bureau.example:8443/v1/uploads"
+    assert same_origin(base, "https://evil.example/v1/uploads/ab12") == "https://bureau.example:8443/v1/uploads/ab12"
+    assert same_origin(base, "https://bureau.example:8443/v1/uploads/ab12") == \
+        "https://bureau.example:8443/v1/uploads/ab12"

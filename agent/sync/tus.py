@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from agent.sync.https import HttpsSession, LinkError, client_ssl_context  # noqa: F401 - re-exported
 
@@ -120,7 +120,7 @@ class TusClient:
         location = resp.getheader("Location")
         if resp.status != 201 or not location:
             raise TusError(f"creation refused: HTTP {resp.status} {resp.reason}")
-        return urljoin(self.creation_url, location)
+        return same_origin(self.creation_url, urljoin(self.creation_url, location))
 
     def offset(self, upload_url: str) -> int:
         resp = self._request("HEAD", upload_url, {})
@@ -181,6 +181,15 @@ class TusClient:
         except TusError:
             return []
         return info.checksum_algorithms if "checksum" in info.extensions else []
+
+
+def same_origin(base_url: str, url: str) -> str:
+    """`url` moved onto `base_url`'s scheme, host and port. Evidence only ever goes to the configured bureau,
+    whatever absolute Location an upload was given (a proxy, a renumbered port, a hostile answer)."""
+    base, target = urlsplit(base_url), urlsplit(url)
+    if (base.scheme, base.netloc) != (target.scheme, target.netloc):
+        log.warning("upload URL %s is not on %s://%s; using its path there", url, base.scheme, base.netloc)
+    return urlunsplit((base.scheme, base.netloc, target.path, target.query, ""))
 
 
 def _hash_range(fh: BinaryIO, offset: int, length: int) -> bytes:
