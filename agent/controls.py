@@ -46,9 +46,10 @@ def menu_prompt(kind: str, value: str) -> str:
 
 @dataclass
 class _Button:
-    down: bool = False
+    down: bool = False  # the debounced state
     down_at: int = 0
-    last_edge: int = -(10**12)
+    level: bool = False  # the raw contact, as the last edge left it
+    level_at: int = -(10**12)
     hold_fired: bool = False
     spoiled: bool = False  # pressed together with the other button
 
@@ -67,11 +68,20 @@ class PressGrammar:
         self.bounces = 0
 
     def edge(self, name: str, pressed: bool, t_us: int) -> None:
+        """A raw contact change. It counts only once the contact has stayed put for `debounce_ms`
+        (`settle`, called from `poll`), so a burst of chatter is one change or none, never a stuck button."""
         b = self.buttons[name]
-        if t_us - b.last_edge < self.cfg.debounce_ms * 1000 or pressed == b.down:
+        if t_us - b.level_at < self.cfg.debounce_ms * 1000:
             self.bounces += 1
-            return
-        b.last_edge = t_us
+        b.level, b.level_at = pressed, t_us
+
+    def _settle(self, t_us: int) -> None:
+        for name, b in self.buttons.items():
+            if b.level != b.down and t_us - b.level_at >= self.cfg.debounce_ms * 1000:
+                self._accept(name, b.level, b.level_at)
+
+    def _accept(self, name: str, pressed: bool, t_us: int) -> None:
+        b = self.buttons[name]
         other = self.buttons[MARK if name == RECORD else RECORD]
         if pressed:
             b.down, b.down_at, b.hold_fired, b.spoiled = True, t_us, False, other.down
@@ -111,6 +121,7 @@ class PressGrammar:
         self.speak(menu_prompt(kind, value))
 
     def poll(self, t_us: int) -> None:
+        self._settle(t_us)
         rec, mark = self.buttons[RECORD], self.buttons[MARK]
         if rec.down and not rec.spoiled and not rec.hold_fired and t_us - rec.down_at >= self.cfg.stop_hold_s * US:
             rec.hold_fired = True

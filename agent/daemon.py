@@ -287,6 +287,7 @@ class Device:
         self.machine = SessionMachine(cfg, store.ledger, clock, recorder=None, announcer=self.announcer,
                                       power=self, space=self.space, meta=store.db)
         self.machine.on_closed = self._session_closed
+        self.machine.prompts_report_finish = self.player is not None
         self.runner = SessionRunner(self.machine)
         post = self.runner.post
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 R = InterruptionReason
 US = 1_000_000
 PENDING_EXPLANATION_KEY = "pending_written_explanation"
+PROMPT_HOLD_MAX_US = 120 * US
 
 
 class State(StrEnum):
@@ -123,6 +126,11 @@ class SessionMachine:
         self.stage = stage(config.session.category, config.session.stage)
         self.battery_warned: set[int] = set()
         self.on_closed: Any = None  # called with (session_id, mandatory, compliance report) after a close
+        # With a real speaker, PromptFinished events arrive: a statement's wait is held while the device is
+        # still talking (prompts the machine asked for and that have not finished).
+        self.prompts_report_finish = False
+        self._speaking: Counter[str] = Counter()
+        self._speaking_since_us: int | None = None
         self.hot = False
         self.powered_off = False
 
@@ -133,6 +141,9 @@ class SessionMachine:
 
     def _say(self, prompt_id: str, purpose: str) -> None:
         self.announcer.play(prompt_id)
+        if self.prompts_report_finish:
+            self._speaking[prompt_id] += 1
+            self._speaking_since_us = self._speaking_since_us or self._now()
         self.ledger.append("prompt", {"session_id": self.session.session_id if self.session else None,
                                       "prompt_id": prompt_id, "language": self.cfg.device.language,
                                       "purpose": purpose})
@@ -267,6 +278,11 @@ class SessionMachine:
 
     def _on_PromptFinished(self, e: ev.PromptFinished) -> None:
         # The officer cannot start speaking while the device is still talking; the wait starts now.
+        if self._speaking[e.prompt_id] > 0:
+            self._speaking[e.prompt_id] -= 1
+            self._speaking += Counter()  # drop zero counts
+            if not self._speaking:
+                self._speaking_since_us = None
         if self.session:
             for exp in self.session.expectations:
                 exp.since_us = max(exp.since_us, e.at_us)
@@ -461,16 +477,20 @@ class SessionMachine:
         exp = s.expectations[0]
         if exp.speaking_since_us is not None:
             return  # the officer is talking: wait for the end
+        if self._speaking and now - (self._speaking_since_us or now) < PROMPT_HOLD_MAX_US:
+            exp.since_us = now  # the device is still talking (a lost PromptFinished holds at most 2 min)
+            return
         waited = now - exp.since_us
         st = self.cfg.statements
-        if waited >= st.missing_after_s * US:
+        if not exp.reminded:
+            if waited >= st.reminder_after_s * US:  # always a reminder before `missing`, however late
+                exp.reminded = True
+                self._statement(exp, "reminder", "timeout", now)
+                self._say(f"statement_reminder_{exp.kind}", "statement")
+        elif waited >= st.missing_after_s * US:
             self._statement(exp, "missing", "timeout", now)
             self._say("statement_missing", "statement")
             self._statement_done(exp)
-        elif waited >= st.reminder_after_s * US and not exp.reminded:
-            exp.reminded = True
-            self._statement(exp, "reminder", "timeout", now)
-            self._say(f"statement_reminder_{exp.kind}", "statement")
 
     def shutdown(self) -> None:
         """The agent is stopping: close an open session (its segment is finalised and signed first)."""
@@ -543,12 +563,22 @@ class SessionRunner:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        # Ticks come on a deadline, however busy the queue is: timeouts and reminders must not starve.
+        next_tick = time.monotonic() + self.tick_s
         while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + self.tick_s
+                self._handle(ev.Tick())
+                continue
             try:
-                event = self.events.get(timeout=self.tick_s)
+                event = self.events.get(timeout=next_tick - now)
             except queue.Empty:
-                event = ev.Tick()
-            try:
-                self.machine.handle(event)
-            except Exception:  # one bad event must not stop the device deciding
-                log.exception("session machine failed on %r", event)
+                continue
+            self._handle(event)
+
+    def _handle(self, event: ev.Event) -> None:
+        try:
+            self.machine.handle(event)
+        except Exception:  # one bad event must not stop the device deciding
+            log.exception("session machine failed on %r", event)

@@ -151,3 +151,14 @@ def test_every_menu_prompt_exists_in_the_catalogue():
         prompt(menu_prompt(kind, value))
     for pid in ("menu_mark_step", "menu_declare_interruption", "menu_cancelled"):
         prompt(pid)
+
+
+def test_a_burst_of_chatter_shorter_than_the_debounce_leaves_no_button_stuck():
+    h = Harness()
+    for i in range(6):  # down/up/down/up/down/up, 2 ms apart: ends released
+        h.g.edge(RECORD, i % 2 == 0, h.t + i * 2 * MS)
+    h.advance(5000)
+    assert h.events == [] and not h.g.buttons[RECORD].down
+    h.press(RECORD, gap_after=200)
+    h.press(RECORD)
+    assert h.kinds() == ["StartPressed"]  # the next deliberate double press still works

@@ -402,3 +402,48 @@ def test_sensor_faults_are_logged_without_interrupting(rig):
              ev.PipelineFault("thermal", "thermal_unreadable"), ev.PipelineFault("other", "mux_error"))
     assert rig.machine.state is State.RECORDING and rig.bodies("interruption_start") == []
     assert [f["code"] for f in rig.bodies("fault")] == ["fuel_gauge_unreadable", "thermal_unreadable", "mux_error"]
+
+
+def test_a_late_tick_still_gives_the_reminder_before_missing(rig):
+    rig.send(ev.StartPressed())
+    rig.clock.advance(60)  # one tick after a long stall spans both thresholds
+    rig.send(ev.Tick())
+    assert [b["event"] for b in rig.bodies("statement")] == ["reminder"]
+    rig.clock.advance(1)
+    rig.send(ev.Tick())
+    assert [b["event"] for b in rig.bodies("statement")] == ["reminder", "missing"]
+
+
+def test_the_wait_is_held_while_the_device_is_still_talking(rig):
+    rig.machine.prompts_report_finish = True
+    rig.send(ev.StartPressed())
+    rig.wait(50)  # the prompt has not finished playing: no reminder, no missing
+    assert rig.bodies("statement") == []
+    for pid in ("session_started_opening_statement",):
+        rig.send(ev.PromptFinished(pid, rig.clock.mono_us()))
+    rig.wait(21)
+    assert [b["event"] for b in rig.bodies("statement")] == ["reminder"]
+
+
+def test_runner_ticks_on_time_even_when_events_keep_arriving():
+    from agent.session import SessionRunner
+
+    class Recorder:
+        def __init__(self):
+            self.ticks = 0
+
+        def handle(self, e):
+            if isinstance(e, ev.Tick):
+                self.ticks += 1
+
+    import time
+
+    machine = Recorder()
+    runner = SessionRunner(machine, tick_s=0.05)
+    runner.start()
+    end = time.monotonic() + 0.6
+    while time.monotonic() < end:
+        runner.post(ev.MarkPressed())
+        time.sleep(0.01)
+    runner.stop()
+    assert machine.ticks >= 8
