@@ -2,7 +2,8 @@
 
 The doc must list every configuration key with the type, default and bounds `agent/config.py` declares,
 explain every alarm and fault code the agent can write into the ledger (with the rule it serves), cover
-every `bwc-agent` subcommand, every `status` line, every `selftest` check and every voice-menu item.
+every `bwc-agent` subcommand and its options, every `status` line, every `selftest` check and every
+voice-menu item.
 
 `python tests/test_operations_doc.py` prints the configuration table (key, type, default, bounds) to paste
 into the doc after a change to agent/config.py; the meaning column is written by hand.
@@ -194,6 +195,20 @@ def test_doc_covers_every_bwc_agent_subcommand():
     text = doc_text()
     for name in sub.choices:
         assert f"bwc-agent {name}" in text, f"`bwc-agent {name}` is not in docs/OPERATIONS.md"
+
+
+def test_doc_names_every_option_of_every_subcommand():
+    from agent.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")  # noqa: SLF001 - argparse keeps them here
+    text = doc_text()
+    for name, subparser in sub.choices.items():
+        for action in subparser._actions:  # noqa: SLF001
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help":
+                    assert re.search(rf"{re.escape(option)}\b", text), (
+                        f"`bwc-agent {name} {option}` is not in docs/OPERATIONS.md")
 
 
 def test_doc_explains_every_status_line():
