@@ -262,6 +262,7 @@ class Device:
         self.gps = None
         self._docked = threading.Event()
         self._undock_requested = threading.Event()
+        self._sync_wake = threading.Event()
         self._deadline_alarmed: set[str] = set()
         self.components: list[Any] = []
 
@@ -278,7 +279,12 @@ class Device:
         self.space = StoreSpace(store, cfg.recording.bitrate_bps)
 
         if hw.pyaudio is None and cfg.hardware.audio == "pyaudio":
-            hw.pyaudio = load_pyaudio()  # on the device: the real PortAudio binding
+            try:
+                hw.pyaudio = load_pyaudio()  # on the device: the real PortAudio binding
+            except ImportError as exc:  # record video without sound rather than nothing at all
+                log.error("no audio (%s): recording video only; install PyAudio", exc)
+                store.ledger.append("fault", {"component": "microphone", "code": "audio_library_missing",
+                                              "detail": str(exc), "session_id": None})
         activity = SpeakerActivity()
         speaker = hw.speaker if hw.speaker is not None else hw.pyaudio
         self.player = PromptPlayer(speaker, PromptLibrary(), cfg.device.language, clock.mono_us,
@@ -339,8 +345,8 @@ class Device:
         thermal = Thermal(hw.thermal_path or cfg.thermal.sysfs_path)
         self.health = HealthMonitor(self._health_event, gauge, thermal, self.space.minutes, interval_s=2.0)
         self.health.start()
+        self.machine.on_boot()  # before the session thread runs: it closes sessions a crash left open
         self.runner.start()
-        self.machine.on_boot()
         self._start_dock()
         self._start_mqtt()
         self.notifier.ready(f"recording ready ({cfg.device.id})")
@@ -469,10 +475,12 @@ class Device:
     def _undock_intent(self) -> None:
         """The dock's button: finish the request in flight, then say it is safe to remove (PROTOCOL.md)."""
         self._undock_requested.set()
+        self._sync_wake.set()
         if self.dock is not None:
             p = self.sync_progress
-            self.dock.set_status(phase="finishing", queued_bytes=p.get("queued_bytes", 0),
-                                 done_bytes=p.get("done_bytes", 0), eta_s=None, safe_to_remove=False)
+            syncing = self._sync_thread is not None and self._sync_thread.is_alive()
+            self.dock.set_status(phase="finishing" if syncing else "idle", queued_bytes=p.get("queued_bytes", 0),
+                                 done_bytes=p.get("done_bytes", 0), eta_s=None, safe_to_remove=not syncing)
 
     def _on_undocked(self, reason: str) -> None:
         self._undock_requested.clear()
@@ -541,7 +549,8 @@ class Device:
             pending = self.store.segments((S.CLOSED, S.QUEUED, S.UPLOADING, S.UPLOADED))
             if result.error is None and not pending:
                 return  # everything receipted: safe to remove
-            self._stop.wait(backoff)
+            self._sync_wake.wait(backoff)  # the undock button or a stop ends the wait at once
+            self._sync_wake.clear()
             backoff = min(backoff * 2, 60.0)
 
     def wait_synced(self, timeout_s: float) -> bool:
@@ -608,6 +617,7 @@ class Device:
 
     def request_stop(self) -> None:
         self._stop.set()
+        self._sync_wake.set()
 
     def stop(self) -> None:
         """Finish cleanly: the open segment is closed and signed before the process ends."""

@@ -114,9 +114,17 @@ class SelfTest:
         from agent.capture.camera_picamera2 import CameraSettings, Picamera2VideoSource
 
         rec = self.cfg.recording
-        src = Picamera2VideoSource(None, clock=self.clock, picamera2_module=self.hw.picamera2,
-                                   settings=CameraSettings(width=rec.width, height=rec.height, fps=rec.fps,
-                                                           bitrate=rec.bitrate_bps))
+        settings = CameraSettings(width=rec.width, height=rec.height, fps=rec.fps, bitrate=rec.bitrate_bps)
+        if self.cfg.hardware.camera == "opencv" and self.hw.picamera2 is None:
+            import cv2
+
+            from agent.capture.camera_opencv import OpenCVVideoSource
+
+            device = self.cfg.hardware.opencv_device
+            src = OpenCVVideoSource(None, clock=self.clock, settings=settings,
+                                    capture_factory=lambda: cv2.VideoCapture(device))
+        else:
+            src = Picamera2VideoSource(None, clock=self.clock, picamera2_module=self.hw.picamera2, settings=settings)
         src.start()
         try:
             params = src.wait_video_params(8)
@@ -142,7 +150,9 @@ class SelfTest:
             raise RuntimeError("no audio within 3 s")
         return f"{len(got)} AAC frames in the first seconds at {src.settings.sample_rate} Hz"
 
-    def speaker(self) -> str:
+    def speaker(self) -> tuple[str, str] | str:
+        if self.hw.speaker is None and self.hw.pyaudio is None and self.cfg.hardware.audio == "none":
+            return "SKIP", "audio disabled in config"
         from agent.voice_prompts.assets import PromptLibrary
         from agent.voice_prompts.playback import PromptPlayer
 

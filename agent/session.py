@@ -512,7 +512,13 @@ class SessionMachine:
         for session_id in opened:
             self._record("session_close", {"session_id": session_id, "outcome": "recovered", "stop": "crash",
                                            "written_explanation_required": False})
-            self._record("compliance_report", build_report(self.ledger, session_id).as_record_body())
+            report = build_report(self.ledger, session_id)
+            self._record("compliance_report", report.as_record_body())
+            if self.on_closed is not None:
+                try:
+                    self.on_closed(session_id, False, report)
+                except Exception:
+                    log.exception("session close callback failed")
         return list(opened)
 
     def on_boot(self) -> None:

@@ -49,7 +49,9 @@ if [ "$DRY" = 1 ]; then echo "would install polkit rule $ROOT$RULE"; else
   TMP=$(mktemp)
   cat > "$TMP" <<'RULES'
 polkit.addRule(function(action, subject) {
-    if (action.id == "org.freedesktop.login1.power-off" && subject.user == "bwc") {
+    if ((action.id == "org.freedesktop.login1.power-off" ||
+         action.id == "org.freedesktop.login1.power-off-multiple-sessions" ||
+         action.id == "org.freedesktop.login1.power-off-ignore-inhibit") && subject.user == "bwc") {
         return polkit.Result.YES;
     }
 });

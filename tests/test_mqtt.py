@@ -68,11 +68,15 @@ def rig(tmp_path):
     ctx = client_ssl_context(pki / "ca.crt", pki / f"{DEV}.crt", pki / f"{DEV}.key")
     link = MqttLink(DEV, "127.0.0.1", broker.port, outbox, ctx, handler, keepalive=5)
     closers = []
-    yield pki, broker, link, commands, outbox, closers
-    for c in closers:
-        c()
-    link.stop()
-    broker.stop()
+    try:
+        yield pki, broker, link, commands, outbox, closers
+    finally:  # the broker is stopped whatever else fails: no stray mosquitto outlives the test
+        try:
+            for c in closers:
+                c()
+            link.stop()
+        finally:
+            broker.stop()
 
 
 def test_status_is_retained_with_a_last_will(rig):
