@@ -636,15 +636,13 @@ SKEWED_MIC_PPM = 200.0  # within what cheap USB codecs show; 200 ppm is 21 ms (o
 SKEWED_RUN_S = 180
 
 
-@pytest.mark.xfail(strict=True, reason="agent/capture/audio_pyaudio.py places audio by sample count from the "
-                   "first buffer and never corrects a fast microphone crystal (a slow one only past 2.5 buffers): "
-                   "the offset grows by the crystal's error, 36 ms here")
+@pytest.mark.parametrize("ppm", [SKEWED_MIC_PPM, -SKEWED_MIC_PPM], ids=["fast-mic", "slow-mic"])
 def test_audio_from_a_microphone_with_its_own_crystal_stays_within_one_audio_frame_of_video(
-        tmp_path: Path) -> None:
+        tmp_path: Path, ppm: float) -> None:
     run = record_paced_session(tmp_path, PipelineConfig(segment_seconds=60.0, pre_event_seconds=0.0),
-                               SKEWED_RUN_S, mic_ppm=SKEWED_MIC_PPM)
+                               SKEWED_RUN_S, mic_ppm=ppm)
     try:
-        offsets = av_offsets(run, SKEWED_MIC_PPM)
+        offsets = av_offsets(run, ppm)
     finally:
         run.rig.store.close()
     assert len(offsets) >= SKEWED_RUN_S

@@ -31,6 +31,7 @@ import importlib
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -42,6 +43,7 @@ from agent.capture.packets import AudioParams, EncodedPacket
 from agent.events import PipelineFault, PipelineRecovered
 
 log = logging.getLogger(__name__)
+DRIFT_WINDOW = 48  # buffers (~1 s at the default 1024 frames, 48 kHz) over which the clock offset is taken
 
 AAC_FRAME_SAMPLES = 1024
 
@@ -88,6 +90,9 @@ class AudioSourceStats:
     samples_captured: int = 0
     samples_encoded: int = 0
     discontinuities: int = 0
+    drift_corrections: int = 0  # the microphone's own clock drifted half an AAC frame: corrected
+    samples_drift_dropped: int = 0  # captured samples dropped because the microphone ran fast
+    samples_drift_inserted: int = 0  # silence inserted because the microphone ran slow
     packets: int = 0
     faults: int = 0
     restarts: int = 0
@@ -165,6 +170,7 @@ class PyAudioSource:
         self._anchor_us: int | None = None
         self._timeline_samples = 0  # samples placed on the timeline since the anchor (captured + silence)
         self._pending = np.zeros((self.settings.channels, 0), dtype=np.float32)
+        self._drift_window: deque[float] = deque(maxlen=DRIFT_WINDOW)
 
     def connect(self, on_packet: Callable[[EncodedPacket], None]) -> None:
         self._sink = on_packet
@@ -299,13 +305,42 @@ class PyAudioSource:
         else:
             missing = 0
         if missing > 0:
+            self._drift_window.clear()
             if missing > s.max_silence_fill_s * rate:
                 self._restart_timeline(start_us)
             else:
                 self.stats.gaps += 1
                 self.stats.samples_inserted += missing
                 self._append(np.zeros((s.channels, missing), dtype=np.float32))
+        else:
+            samples = self._correct_drift(samples, gap_us)
         self._append(samples)
+
+    def _correct_drift(self, samples: np.ndarray, gap_us: float) -> np.ndarray:
+        """Keep the sample-count timeline on the shared clock when the microphone's crystal drifts.
+
+        Scheduling jitter only ever makes a buffer look late, so the smallest offset over the last
+        DRIFT_WINDOW buffers is the clock's own. Beyond half an AAC frame either way, the timeline is moved
+        by that much: silence inserted for a slow microphone, captured samples dropped for a fast one
+        (a few ms a minute at 200 ppm; counted in the stats). Audio never drifts a frame from video.
+        """
+        self._drift_window.append(gap_us)
+        if len(self._drift_window) < DRIFT_WINDOW:
+            return samples
+        offset_us = min(self._drift_window)
+        rate = self.settings.sample_rate
+        half_frame_us = AAC_FRAME_SAMPLES * 1e6 / rate / 2
+        if abs(offset_us) < half_frame_us:
+            return samples
+        self._drift_window.clear()
+        self.stats.drift_corrections += 1
+        n = round(abs(offset_us) * rate / 1e6)
+        if offset_us > 0:  # slow microphone: the timeline is behind the clock
+            self.stats.samples_drift_inserted += n
+            return np.concatenate([np.zeros((samples.shape[0], n), dtype=np.float32), samples], axis=1)
+        n = min(n, samples.shape[1])  # fast microphone: the timeline is ahead of the clock
+        self.stats.samples_drift_dropped += n
+        return samples[:, n:]
 
     def _append(self, planar: np.ndarray) -> None:
         self._timeline_samples += planar.shape[1]
