@@ -93,6 +93,6 @@ MARKER_STEPS: dict[str, tuple[str, str]] = {
     "hearing": ("听证", "hearing"),
     "expert_review": ("鉴定", "expert review"),
     "document_service": ("送达文书", "service of documents"),
-    "key_evidence": ("关键证据", "key evidence (R15)"),
+    "key_evidence": ("关键证据", "key evidence"),  # R15: key evidence and its features
     "general": ("标记", "general marker"),
 }

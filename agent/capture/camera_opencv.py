@@ -29,7 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from agent.capture.camera_picamera2 import CameraSettings, PacketGate, h264_parameter_sets
+from agent.capture.camera_picamera2 import CameraSettings, PacketGate, VideoSourceParams, h264_parameter_sets
 from agent.capture.lens import LensCoverDetector
 from agent.capture.osd import OsdOverlay
 from agent.capture.packets import EncodedPacket, VideoParams
@@ -67,7 +67,7 @@ class H264FrameEncoder:
         return [(bytes(p), bool(p.is_keyframe), int(p.pts)) for p in self._codec.encode(frame)]
 
 
-class OpenCVVideoSource:
+class OpenCVVideoSource(VideoSourceParams):
     """A USB camera (or anything `cv2.VideoCapture` opens) as a source of H.264 `EncodedPacket`s.
 
     Same contract as `Picamera2VideoSource` (`wait_video_params`, `connect`, `force_keyframe`, keyframe
@@ -96,21 +96,6 @@ class OpenCVVideoSource:
         self.frames_read = 0
         self.packets = 0
         self.faults = 0
-
-    @property
-    def video_params(self) -> VideoParams | None:
-        return self._video_params
-
-    def wait_video_params(self, timeout_s: float = 10.0) -> VideoParams:
-        """Block until the first keyframe has given the stream's SPS/PPS (after `start()`)."""
-        if not self._params_known.wait(timeout_s) or self._video_params is None:
-            raise TimeoutError(f"no H.264 keyframe from the camera within {timeout_s} s")
-        return self._video_params
-
-    def connect(self, on_packet: Callable[[EncodedPacket], None]) -> None:
-        """Send packets to `on_packet` from the next keyframe on (asked for at once)."""
-        self.gate.connect(on_packet)
-        self.force_keyframe()
 
     def start(self) -> None:
         capture = self._open()

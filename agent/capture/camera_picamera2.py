@@ -173,7 +173,35 @@ def load_picamera2() -> Any:
                            Output=outputs.Output)
 
 
-class Picamera2VideoSource:
+class VideoSourceParams:
+    """What every camera adapter offers the pipeline once its first keyframe is out: the stream's
+    parameters, and `connect` (packets from the next keyframe on). Subclasses set `_video_params`,
+    `_params_known`, `gate` and implement `force_keyframe`."""
+
+    _video_params: VideoParams | None
+    _params_known: threading.Event
+    gate: PacketGate
+
+    def force_keyframe(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def video_params(self) -> VideoParams | None:
+        return self._video_params
+
+    def wait_video_params(self, timeout_s: float = 10.0) -> VideoParams:
+        """Block until the first keyframe has given the stream's SPS/PPS (after `start()`)."""
+        if not self._params_known.wait(timeout_s) or self._video_params is None:
+            raise TimeoutError(f"no H.264 keyframe from the camera within {timeout_s} s")
+        return self._video_params
+
+    def connect(self, on_packet: Callable[[EncodedPacket], None]) -> None:
+        """Send packets to `on_packet` from the next keyframe on (asked for at once)."""
+        self.gate.connect(on_packet)
+        self.force_keyframe()
+
+
+class Picamera2VideoSource(VideoSourceParams):
     """A Pi camera as a source of H.264 `EncodedPacket`s.
 
     Contract: after `start()` returns the camera is running; `wait_video_params()` returns the stream's
@@ -213,21 +241,6 @@ class Picamera2VideoSource:
         self._clock_offset_us: int | None = None
         self._faulted: str | None = None  # component currently reported as faulty
         self._generation = 0  # which open() a packet sink belongs to: stragglers of a closed encoder are ignored
-
-    @property
-    def video_params(self) -> VideoParams | None:
-        return self._video_params
-
-    def wait_video_params(self, timeout_s: float = 10.0) -> VideoParams:
-        """Block until the first keyframe has given the stream's SPS/PPS (after `start()`)."""
-        if not self._params_known.wait(timeout_s) or self._video_params is None:
-            raise TimeoutError(f"no H.264 keyframe from the camera within {timeout_s} s")
-        return self._video_params
-
-    def connect(self, on_packet: Callable[[EncodedPacket], None]) -> None:
-        """Send packets to `on_packet` from the next keyframe on (asked for at once)."""
-        self.gate.connect(on_packet)
-        self.force_keyframe()
 
     def start(self) -> None:
         """Open and start the camera (raises if it cannot be opened at all), then supervise it."""

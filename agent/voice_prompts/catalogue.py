@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
+from agent.policy import MARKER_STEPS
+
 LANGUAGES: tuple[str, ...] = ("zh-CN", "en")
 
 Audience = Literal["officer", "party"]
@@ -177,23 +179,8 @@ _DEVICE = (
        "upload_deadline"),
 )
 
-# R9 steps and R15 focus points (agent.policy.MARKER_STEPS): (zh label, en label).
-_STEPS: dict[str, tuple[str, str]] = {
-    "show_id": ("出示执法证件", "officers' identity shown"),
-    "questioning": ("询问", "questioning"),
-    "inspection": ("现场检查", "on-site inspection"),
-    "evidence_taking": ("调取证据", "evidence taking"),
-    "sampling": ("抽样", "sampling"),
-    "testing": ("检测", "testing"),
-    "evidence_preservation": ("先行登记保存", "registering evidence for preservation"),
-    "compulsory_measure": ("实施强制措施", "compulsory measure taken"),
-    "rights_informed": ("告知权利", "party informed of rights"),
-    "hearing": ("听证", "hearing"),
-    "expert_review": ("鉴定", "expert review"),
-    "document_service": ("送达文书", "service of documents"),
-    "key_evidence": ("关键证据", "key evidence"),
-    "general": ("标记", "general marker"),
-}
+# R9 steps and R15 focus points: (zh label, en label), from the one table in agent.policy.
+_STEPS: dict[str, tuple[str, str]] = MARKER_STEPS
 
 _MARKERS = tuple(
     _p(f"marker_{code}", f"已标记：{zh}。", f"Marked: {en}.", "marker") for code, (zh, en) in _STEPS.items()
