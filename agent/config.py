@@ -147,6 +147,7 @@ class HardwareConfig(_Section):
     buttons: Literal["gpio", "sim"] = "gpio"
     record_button_pin: int = Field(17, ge=0, le=40)
     mark_button_pin: int = Field(27, ge=0, le=40)
+    vibration_pin: int | None = Field(22, ge=0, le=40, description="vibration motor driver; none = no motor")
     fuel_gauge_bus: int = Field(1, ge=0, le=10)
     fuel_gauge_address: int = Field(0x36, ge=0x03, le=0x77)
     power_off_command: list[str] = Field(["systemctl", "poweroff"], description="run after a critical-battery close")

@@ -176,3 +176,39 @@ class GpioControls:
         self._thread.join(2)
         for b in self.buttons.values():
             b.close()
+
+
+# Vibration patterns: (on ms, off ms) pulses. Distinct enough to tell apart through a uniform pocket.
+PATTERNS: dict[str, tuple[tuple[int, int], ...]] = {
+    "start": ((400, 0),),
+    "stop": ((150, 150), (150, 150), (150, 0)),
+    "mark": ((80, 0),),
+    "interrupt": ((600, 200), (600, 0)),
+    "reminder": ((100, 100), (100, 0)),
+}
+
+
+class Haptics:
+    """The vibration motor on a GPIO pin (gpiozero). `vibrate(pattern)` returns at once; a pulse train runs
+    on gpiozero's background thread and a new pattern replaces the one still running."""
+
+    def __init__(self, pin: int, pin_factory=None):
+        from gpiozero import DigitalOutputDevice
+
+        self.motor = DigitalOutputDevice(pin, pin_factory=pin_factory)
+        self.played: list[str] = []
+
+    def __call__(self, pattern: str) -> None:
+        self.vibrate(pattern)
+
+    def vibrate(self, pattern: str) -> None:
+        pulses = PATTERNS.get(pattern)
+        if pulses is None:
+            return
+        self.played.append(pattern)
+        on_ms, off_ms = pulses[0]
+        # gpiozero's blink runs its own thread: n pulses of the first shape (every pattern is uniform).
+        self.motor.blink(on_time=on_ms / 1000, off_time=max(off_ms, 1) / 1000, n=len(pulses), background=True)
+
+    def close(self) -> None:
+        self.motor.close()

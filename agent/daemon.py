@@ -43,7 +43,7 @@ from agent.capture.pipeline import (
 )
 from agent.clock import Clock
 from agent.config import AgentConfig
-from agent.controls import GpioControls
+from agent.controls import GpioControls, Haptics
 from agent.evidence.age import Recipient
 from agent.evidence.receipts import ReceiptVerifier
 from agent.monitors import FuelGauge, HealthMonitor, Thermal
@@ -289,7 +289,13 @@ class Device:
         speaker = hw.speaker if hw.speaker is not None else hw.pyaudio
         self.player = PromptPlayer(speaker, PromptLibrary(), cfg.device.language, clock.mono_us,
                                    on_finished=self._prompt_finished, activity=activity) if speaker else None
-        self.announcer = DeviceAnnouncer(self.player, hw.haptics)
+        haptics = hw.haptics
+        if haptics is None and cfg.hardware.vibration_pin is not None:
+            try:
+                haptics = Haptics(cfg.hardware.vibration_pin, pin_factory=hw.pin_factory)
+            except Exception as exc:  # no GPIO here (a laptop): prompts still speak
+                log.error("no vibration motor (%s)", exc)
+        self.announcer = DeviceAnnouncer(self.player, haptics)
         self.machine = SessionMachine(cfg, store.ledger, clock, recorder=None, announcer=self.announcer,
                                       power=self, space=self.space, meta=store.db)
         self.machine.on_closed = self._session_closed

@@ -162,3 +162,24 @@ def test_a_burst_of_chatter_shorter_than_the_debounce_leaves_no_button_stuck():
     h.press(RECORD, gap_after=200)
     h.press(RECORD)
     assert h.kinds() == ["StartPressed"]  # the next deliberate double press still works
+
+
+def test_vibration_patterns_drive_the_motor_pin():
+    from gpiozero.pins.mock import MockFactory
+
+    from agent.controls import Haptics
+
+    factory = MockFactory()
+    haptics = Haptics(22, pin_factory=factory)
+    pin = factory.pin(22)
+    try:
+        haptics.vibrate("stop")  # three short pulses
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and sum(1 for s in pin.states if s.state) < 3:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert sum(1 for s in pin.states if s.state) == 3 and not pin.state
+        haptics.vibrate("no_such_pattern")
+        assert haptics.played == ["stop"]
+    finally:
+        haptics.close()
