@@ -264,7 +264,7 @@ class Device:
         self._undock_requested = threading.Event()
         self._sync_wake = threading.Event()
         self._deadline_alarmed: set[str] = set()
-        self.components: list[Any] = []
+        self.haptics: Haptics | None = None
 
     # --- assembly ---------------------------------------------------------------------------------
 
@@ -292,7 +292,7 @@ class Device:
         haptics = hw.haptics
         if haptics is None and cfg.hardware.vibration_pin is not None:
             try:
-                haptics = Haptics(cfg.hardware.vibration_pin, pin_factory=hw.pin_factory)
+                haptics = self.haptics = Haptics(cfg.hardware.vibration_pin, pin_factory=hw.pin_factory)
             except Exception as exc:  # no GPIO here (a laptop): prompts still speak
                 log.error("no vibration motor (%s)", exc)
         self.announcer = DeviceAnnouncer(self.player, haptics)
@@ -635,6 +635,7 @@ class Device:
             except Exception:
                 log.exception("error while stopping MQTT")
         for closer in (lambda: self.controls.close(), lambda: self.health.stop(),
+                       lambda: self.haptics and self.haptics.close(),
                        lambda: self.dock and self.dock.stop(), lambda: self.camera.stop(),
                        lambda: self.mic and self.mic.stop()):
             try:
