@@ -12,6 +12,7 @@ Steps, each idempotent and resumable (a run interrupted anywhere can simply be r
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -114,6 +115,7 @@ def provision(*, bureau_url: str, token: str, device_id: str, data_dir: Path, co
         raise ProvisionError(f"{device_id}: already enrolled ({cert_file} exists); re-provisioning replaces "
                              "the device identity, so it needs --force")
     reused = key_file.exists() and not force
+    retired: Path | None = None
     if key_file.exists() and force:
         # Never delete an identity: keep the old key beside the new one, and start a fresh one.
         retired = key_file.with_name(f"device-key.retired-{int(os.path.getmtime(key_file))}.pem")
@@ -162,8 +164,10 @@ def provision(*, bureau_url: str, token: str, device_id: str, data_dir: Path, co
         if parts.scheme == "mqtts" and parts.hostname:
             extra.setdefault("sync", {}).setdefault("mqtt_host", parts.hostname)
             extra["sync"].setdefault("mqtt_port", parts.port or 8883)
+    if retired is not None and (data_dir / "ledger.db").exists():
+        hand_over_identity(data_dir, device_id, PemFileSigner.load(retired), signer, recipients)
     _write(config_file, render_config(device_id, data_dir, key_file, cert_file, pinned_ca, receipt_file,
-                                      recipients, bureau_url, extra).encode(), 0o640)
+                                      recipients, bureau_url, extra, existing=config_file).encode(), 0o640)
     _give_to_agent_user(data_dir, keys, config_file)
     return ProvisionResult(device_id, key_file, cert_file, pinned_ca, receipt_file, recipients_file, config_file,
                            recipients, bureau_url, mqtt_url, reused)
@@ -197,17 +201,49 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value), ensure_ascii=False)
 
 
+def hand_over_identity(data_dir: Path, device_id: str, old: PemFileSigner, new: PemFileSigner,
+                       recipients: list[str]) -> None:
+    """The device's ledger goes on under the new key: a `key_change` record signed by the old key names the
+    new one, so every verifier follows the chain across the change (docs/FORMAT.md, chain rules)."""
+    from agent.clock import SystemClock
+    from agent.evidence.age import Recipient
+    from agent.evidence.signing import key_id, public_key_der
+    from agent.storage.store import EvidenceStore
+
+    store = EvidenceStore(data_dir, device_id, old, [Recipient.parse(r) for r in recipients], SystemClock())
+    try:
+        pub = new.public_key()
+        store.ledger.append("key_change", {
+            "kind": "identity", "key_ids": [key_id(pub)],
+            "public_key": base64.b64encode(public_key_der(pub)).decode(),
+            "detail": f"identity replaced by provisioning (--force); signed by the previous key {old.key_id}"})
+    finally:
+        store.close()
+
+
 def render_config(device_id: str, data_dir: Path, key_file: Path, cert_file: Path, ca_file: Path, receipt_file: Path,
-                  recipients: list[str], bureau_url: str, extra: dict[str, dict[str, Any]]) -> str:
-    """The agent.toml provisioning writes; `extra` adds or overrides keys per section."""
-    sections: dict[str, dict[str, Any]] = {
+                  recipients: list[str], bureau_url: str, extra: dict[str, dict[str, Any]],
+                  existing: Path | None = None) -> str:
+    """The agent.toml provisioning writes; `extra` adds or overrides keys per section. Settings of an
+    `existing` config (a technician's hand edits) are kept unless provisioning sets them."""
+    import tomllib
+
+    sections: dict[str, dict[str, Any]] = {}
+    if existing is not None and existing.exists():
+        try:
+            old = tomllib.loads(existing.read_text(encoding="utf-8"))
+            sections = {name: dict(values) for name, values in old.items() if isinstance(values, dict)}
+        except (OSError, tomllib.TOMLDecodeError):
+            sections = {}
+    provisioned: dict[str, dict[str, Any]] = {
         "device": {"id": device_id, "data_dir": str(data_dir)},
         "keys": {"identity_key": str(key_file), "device_cert": str(cert_file), "ca_cert": str(ca_file),
                  "receipt_key": str(receipt_file), "recipients": recipients},
         "sync": {"bureau_url": bureau_url},
     }
-    for name, values in extra.items():
-        sections.setdefault(name, {}).update(values)
+    for source in (provisioned, extra):
+        for name, values in source.items():
+            sections.setdefault(name, {}).update(values)
     lines = ["# Written by `bwc-agent provision`. Every key is validated at start (agent/config.py).", ""]
     for name, values in sections.items():
         lines.append(f"[{name}]")

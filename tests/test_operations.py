@@ -155,3 +155,33 @@ def test_provision_takes_the_mqtt_endpoint_from_the_enrollment_answer(tmp_path):
     finally:
         server.stop()
     assert (cfg.sync.mqtt_host, cfg.sync.mqtt_port) == ("127.0.0.1", 18883)
+
+
+def test_replacing_an_identity_hands_the_ledger_over_with_a_signed_key_change(bureau, tmp_path):
+    from agent.clock import SystemClock
+    from agent.evidence.age import Recipient
+    from agent.evidence.verify import Verifier
+    from agent.storage.keys import PemFileSigner
+    from agent.storage.store import EvidenceStore
+    from tests.conftest import write_segment
+
+    first = _provision(bureau, tmp_path)
+    recipients = [Recipient.parse(r) for r in first.recipients]
+    store = EvidenceStore(tmp_path / "BWC-OPS-01", "BWC-OPS-01", PemFileSigner.load(first.key_file), recipients,
+                          SystemClock())
+    write_segment(store, "S1", 0)
+    store.close()
+    with open(first.config_file, "a") as fh:
+        fh.write("\n[lens]\ncovered_s = 42.0\n")  # a technician's hand edit
+    second = _provision(bureau, tmp_path, force=True)
+    assert load_config(second.config_file).lens.covered_s == 42.0  # kept
+    # the agent with the new key starts on the same ledger, and the chain verifies across the change
+    again = EvidenceStore(tmp_path / "BWC-OPS-01", "BWC-OPS-01", PemFileSigner.load(second.key_file), recipients,
+                          SystemClock())
+    write_segment(again, "S2", 0)
+    changes = [r.fields["body"] for r in again.ledger.records(rtype="key_change") if
+               r.fields["body"]["kind"] == "identity"]
+    again.close()
+    assert len(changes) == 1 and "previous key" in changes[0]["detail"]
+    report = Verifier().verify_path(tmp_path / "BWC-OPS-01")
+    assert report.ok, report.problems
