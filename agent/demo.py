@@ -58,7 +58,9 @@ def run_demo(workdir: Path | None = None, quiet_logs: bool = True) -> int:
     say = Progress()
     say(f"work directory {work}")
 
-    server = BureauServer(BureauConfig(dir=work / "bureau", host="127.0.0.1", port=0), poll_interval_s=0.1)
+    broker, consumer = start_mqtt(work / "bureau", say)
+    server = BureauServer(BureauConfig(dir=work / "bureau", host="127.0.0.1", port=0,
+                                       mqtt_url=broker.url if broker else None), poll_interval_s=0.1)
     server.start()
     device = hw = None
     try:
@@ -78,7 +80,7 @@ def run_demo(workdir: Path | None = None, quiet_logs: bool = True) -> int:
                 "recording": {"width": 640, "height": 360, "fps": 15, "bitrate_bps": 1_000_000,
                               "pre_event_s": 10, "segment_s": 20},
                 "session": {"category": "penalty", "stage": "on_site"},
-                "sync": {"dock_port": dock_port, "gps_port": gps_port},
+                "sync": {"dock_port": dock_port, "gps_port": gps_port, "telemetry_period_s": 5},
                 "hardware": {"camera": "sim", "audio": "sim", "buttons": "sim"},
             })
         say(f"provisioned: certificate {result.cert_file.name}, {len(result.recipients)} bureau recipient(s), "
@@ -114,15 +116,42 @@ def run_demo(workdir: Path | None = None, quiet_logs: bool = True) -> int:
         hw.dock.plug()
         synced = device.wait_synced(180)
         say("dock reports: " + ("everything receipted, safe to remove" if synced else "sync did not finish"))
+        time.sleep(1)  # the last telemetry and event summaries leave the outbox
         device.stop()
         device = None
-        return summarise(work, cfg, server, synced, say)
+        return summarise(work, cfg, server, synced, say, consumer)
     finally:
         if device is not None:
             device.stop()
         if hw is not None:
             hw.close()
         server.stop()
+        if consumer is not None:
+            consumer.stop()
+        if broker is not None:
+            broker.stop()
+
+
+def start_mqtt(bureau_dir: Path, say):
+    """The bureau's mosquitto and its consumer, when mosquitto is installed (./dev installs it)."""
+    from agent.sync.https import client_ssl_context
+    from bureau.broker import BrokerError, BureauBroker
+    from bureau.keys import BureauKeys
+    from bureau.mqtt_consumer import MqttConsumer, MqttFeedDatabase
+
+    keys = BureauKeys.load_or_create(bureau_dir)
+    try:
+        broker = BureauBroker(bureau_dir, keys).start()
+    except BrokerError as exc:
+        say(f"no MQTT in this demo: {exc}")
+        return None, None
+    consumer = MqttConsumer(MqttFeedDatabase(bureau_dir / "mqtt.db"), broker.host, broker.port,
+                            client_ssl_context(keys.ca_cert_path(bureau_dir), broker.consumer_cert,
+                                               broker.consumer_key))
+    consumer.start()
+    consumer.wait_ready(10)
+    say(f"bureau MQTT broker on {broker.url} (TLS, client certificates, per-device ACL)")
+    return broker, consumer
 
 
 def start_device(cfg, hw, result):
@@ -133,7 +162,7 @@ def start_device(cfg, hw, result):
     return device
 
 
-def summarise(work: Path, cfg, server, synced: bool, say) -> int:
+def summarise(work: Path, cfg, server, synced: bool, say, consumer=None) -> int:
     identity = Identity.load(work / "bureau-identity.txt")
     pub = cfg.keys.device_cert
     dev_report = Verifier(identity, load_public_key(pub.read_bytes())).verify_path(work / "device")
@@ -159,6 +188,13 @@ def summarise(work: Path, cfg, server, synced: bool, say) -> int:
     tracks = sum(len(s.get("sidecars", [])) for s in segs)
     print(f"GPS tracks        {tracks} encrypted track sidecar(s), uploaded and verified with their segments")
     print(f"ffprobe           {probe}")
+    if consumer is not None:
+        feed = consumer.db
+        status = feed.latest_status(DEVICE_ID) or {}
+        events = feed.events(DEVICE_ID)
+        print(f"MQTT at bureau    last status {status.get('state', 'none')} (device off after the dock), telemetry "
+              f"{'received' if feed.latest_telemetry(DEVICE_ID) else 'none'}, {len(events)} ledger event "
+              f"summaries (e.g. {', '.join(sorted({e['type'] for e in events})[:4])})")
     print(f"device copy       {'VERIFIED' if dev_report.ok else 'FAILED'}: {dev_report.records} records, "
           f"{dev_report.signatures_ok} signatures, {dev_report.segments_ok} intact + "
           f"{dev_report.segments_purged} purged segments" + _problems(dev_report))
