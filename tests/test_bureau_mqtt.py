@@ -28,6 +28,7 @@ from agent.sync.telemetry import (
     StoreLedgerReader,
 )
 from agent.sync.tus import client_ssl_context
+from bureau.broker import ACL
 from bureau.mqtt_consumer import Alarm, CommandTimeout, MqttConsumer, MqttFeedDatabase
 from tests.broker import Mosquitto
 from tests.conftest import DEVICE_ID as DEV
@@ -35,21 +36,9 @@ from tests.pki import make_pki
 
 OTHER = "BWC-TEST-0002"
 
-# The ACL docs/PROTOCOL.md ("ACL") gives for production: a device writes only what it reports and reads
-# only what the bureau sends it; the bureau reads and writes everything.
-PRODUCTION_ACL = """\
-user bureau
-topic readwrite bwc/v1/#
-
-pattern write bwc/v1/dev/%u/status
-pattern write bwc/v1/dev/%u/telemetry
-pattern write bwc/v1/dev/%u/event
-pattern write bwc/v1/dev/%u/cmd/resp
-pattern write bwc/v1/dev/%u/config/reported
-pattern read bwc/v1/dev/%u/cmd/req/+
-pattern read bwc/v1/dev/%u/ack
-pattern read bwc/v1/dev/%u/config/desired
-"""
+# The production ACL (docs/PROTOCOL.md "ACL"), as the bureau's broker writes it: a device writes only
+# what it reports and reads only what the bureau sends it; the bureau reads and writes everything.
+PRODUCTION_ACL = ACL
 
 
 class StrictMosquitto(Mosquitto):

@@ -16,6 +16,7 @@ def test_demo_reports_a_verified_fully_receipted_shift(tmp_path, capsys):
     assert "RESULT: shift recorded, uploaded, receipted and verified" in out
     assert "opening statement   given" in out and "reason stated" in out and "compliant           yes" in out
     assert "decodes cleanly: h264" in out
+    assert "telemetry received" in out and "ledger event summaries" in out  # over the bureau's MQTT broker
     # The documented layout, checkable with the stock tools.
     for path in ("device/ledger.db", "device/journal.jsonl", "bureau-identity.txt", "agent.toml"):
         assert (work / path).exists(), path
