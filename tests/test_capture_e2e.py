@@ -645,7 +645,7 @@ def test_audio_from_a_microphone_with_its_own_crystal_stays_within_one_audio_fra
         offsets = av_offsets(run, ppm)
     finally:
         run.rig.store.close()
-    assert len(offsets) >= SKEWED_RUN_S
+    assert len(offsets) >= SKEWED_RUN_S - 2  # one click a device second; a slow crystal yields a little fewer
     worst = max(offsets, key=abs)
     assert abs(worst) <= AUDIO_FRAME_S, f"worst A/V offset {worst * 1e3:.1f} ms"
 

