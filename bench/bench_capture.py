@@ -35,7 +35,6 @@ import heapq
 import json
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -49,7 +48,16 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from bench_writer import BenchKeys, command_line, cpu_seconds, filesystem_type, machine_info, percentile, print_table
+from bench_writer import (
+    BenchKeys,
+    command_line,
+    cpu_seconds,
+    filesystem_type,
+    machine_info,
+    percentile,
+    print_table,
+    run_shell,
+)
 
 from agent.capture.packets import AudioParams, EncodedPacket, VideoParams
 from agent.capture.pipeline import CapturePipeline, IgnoreEvents, PipelineConfig, RecordingStarted
@@ -559,15 +567,6 @@ for f in "$PLAIN"/*.mp4; do
   sha256sum "$f" "$OUT/$(basename "$f" .mp4).age"
 done > "$OUT/SHA256SUMS"
 """
-
-
-def run_shell(script: str, env: dict[str, str]) -> dict[str, float]:
-    u0, s0 = cpu_seconds(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    subprocess.run(["bash", "-c", script], env={**os.environ, **env}, check=True, timeout=1800)
-    wall = time.perf_counter() - t0
-    u1, s1 = cpu_seconds(resource.RUSAGE_CHILDREN)
-    return {"wall_s": wall, "cpu_user_s": u1 - u0, "cpu_sys_s": s1 - s0, "cpu_s": u1 - u0 + s1 - s0}
 
 
 def run_theirs(video: Path, audio: Path, plain: Path, out: Path, keys: BenchKeys, footage_s: float) -> dict[str, Any]:

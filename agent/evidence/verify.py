@@ -152,13 +152,18 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _read_only_rows(path: Path, sql: str) -> list[tuple]:
+    """Rows of a query on a device database, opened read-only (the agent may be running)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
 def _records_from_db(path: Path, report: Report) -> Iterator[tuple[str, SignedRecord]]:
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            rows = conn.execute("SELECT seq, data, sig FROM ledger ORDER BY seq").fetchall()
-        finally:
-            conn.close()
+        rows = _read_only_rows(path, "SELECT seq, data, sig FROM ledger ORDER BY seq")
     except sqlite3.Error as exc:
         report.fail(str(path), f"ledger database unreadable: {exc}")
         return
@@ -444,11 +449,7 @@ class Verifier:
         """Receipts the device stored (§13) must be those its `receipt` records hash, and, given the
         bureau receipt key, signed by it for exactly the recorded segment."""
         try:
-            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-            try:
-                rows = conn.execute("SELECT segment_id, receipt, sig FROM receipts ORDER BY segment_id").fetchall()
-            finally:
-                conn.close()
+            rows = _read_only_rows(db, "SELECT segment_id, receipt, sig FROM receipts ORDER BY segment_id")
         except sqlite3.Error as exc:
             report.fail(f"{db.name} receipts", f"unreadable: {exc}")
             return
