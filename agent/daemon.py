@@ -316,7 +316,9 @@ class Device:
         else:
             self.camera = Picamera2VideoSource(None, clock=clock, settings=self.camera_settings, osd=self.osd,
                                                lens=self.lens, on_event=post, picamera2_module=hw.picamera2)
-        vad = VadConfig(sample_rate=self.audio_settings.sample_rate)
+        st = cfg.statements  # one source for statement timing: the agent's config
+        vad = VadConfig(sample_rate=self.audio_settings.sample_rate, min_statement_s=st.min_speech_s,
+                        reminder_after_s=st.reminder_after_s, missing_after_s=st.missing_after_s)
         self.listener = StatementListener(StatementDetector(vad, activity=activity), self._speech, clock.mono_us)
         self.mic = PyAudioSource(None, clock=clock, settings=self.audio_settings, on_event=post,
                                  pyaudio_module=hw.pyaudio, on_pcm=self.listener.offer) if hw.pyaudio else None

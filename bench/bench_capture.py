@@ -39,7 +39,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -50,6 +49,7 @@ from typing import Any
 
 from bench_writer import (
     BenchKeys,
+    chosen_parts,
     command_line,
     cpu_seconds,
     filesystem_type,
@@ -57,6 +57,7 @@ from bench_writer import (
     percentile,
     print_table,
     run_shell,
+    work_dirs,
 )
 
 from agent.capture.packets import AudioParams, EncodedPacket, VideoParams
@@ -836,10 +837,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rss_rings = [0.0, 30.0]
     if args.clip_seconds < 1 or args.footage < 1 or args.repeat < 1 or args.starts < 1 or args.realtime < 1:
         p.error("--clip-seconds, --footage, --repeat, --starts and --realtime must be at least 1")
-    args.parts = set((args.only or "cpu,start,rss,realtime").split(","))
-    unknown = args.parts - {"cpu", "start", "rss", "realtime"}
-    if unknown:
-        p.error(f"unknown part(s) for --only: {', '.join(sorted(unknown))}")
+    args.parts = chosen_parts(p, args.only, ("cpu", "start", "rss", "realtime"))
     return args
 
 
@@ -848,11 +846,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rss_child:
         rss_child(args)
         return 0
-    base = Path(args.dir) if args.dir else Path("/var/tmp")
-    base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="bwc-bench-capture-", dir=base))
-    shm_root = Path(args.shm) if Path(args.shm).is_dir() else work
-    shm = Path(tempfile.mkdtemp(prefix="bwc-bench-capture-plain-", dir=shm_root))
+    work, shm = work_dirs(args, "capture")
     machine = machine_info(work)
     machine["plaintext_fs"] = filesystem_type(shm)
     machine["ffmpeg"] = subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True).stdout.split("\n")[0] \

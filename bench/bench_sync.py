@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench_writer import command_line, machine_info, percentile, print_table
+from bench_writer import chosen_parts, command_line, machine_info, percentile, print_table
 
 MB = 1024 * 1024
 SYNCER_REQUEST_BYTES = 4 * MB  # agent.sync.syncer.Syncer's default, which the daemon uses
@@ -635,10 +635,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("size_mb", "repeat", "big_mb", "cut_mb", "cuts", "segments", "fragments"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    args.parts = set((args.only or "throughput,memory,cuts,receipts").split(","))
-    unknown = args.parts - {"throughput", "memory", "cuts", "receipts"}
-    if unknown:
-        p.error(f"unknown part(s) for --only: {', '.join(sorted(unknown))}")
+    args.parts = chosen_parts(p, args.only, ("throughput", "memory", "cuts", "receipts"))
     return args
 
 

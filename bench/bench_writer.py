@@ -138,6 +138,24 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
+def work_dirs(args: argparse.Namespace, name: str) -> tuple[Path, Path]:
+    """(work dir on the data filesystem, plaintext dir on tmpfs if `--shm` exists) for bench `name`."""
+    base = Path(args.dir) if args.dir else Path("/var/tmp")
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"bwc-bench-{name}-", dir=base))
+    shm_root = Path(args.shm) if Path(args.shm).is_dir() else work
+    return work, Path(tempfile.mkdtemp(prefix=f"bwc-bench-{name}-plain-", dir=shm_root))
+
+
+def chosen_parts(p: argparse.ArgumentParser, only: str | None, parts: tuple[str, ...]) -> set[str]:
+    """The parts `--only` names (all by default); an unknown name is a usage error."""
+    chosen = set((only or ",".join(parts)).split(","))
+    unknown = chosen - set(parts)
+    if unknown:
+        p.error(f"unknown part(s) for --only: {', '.join(sorted(unknown))}")
+    return chosen
+
+
 def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv])
 
@@ -488,11 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.strace_child:
         strace_child(args)
         return 0
-    base = Path(args.dir) if args.dir else Path("/var/tmp")
-    base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="bwc-bench-writer-", dir=base))
-    shm_root = Path(args.shm) if Path(args.shm).is_dir() else work
-    shm = Path(tempfile.mkdtemp(prefix="bwc-bench-plain-", dir=shm_root))
+    work, shm = work_dirs(args, "writer")
     machine = machine_info(work)
     machine["plaintext_fs"] = filesystem_type(shm)
     if machine["data_fs"] == "tmpfs":
